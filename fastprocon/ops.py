@@ -1,0 +1,150 @@
+"""The three implementations of the ProCon projection penalty, as torch custom ops.
+
+- ``triton``: the fused kernels of ``fastprocon.kernels.procon_projection`` (CUDA; the Triton
+  interpreter on CPU in tests), registered with ``torch.library.triton_op`` so torch.compile
+  sees the kernels themselves.
+- ``torch``: the same fused rank-one math in plain PyTorch, chunked over rows so it never holds
+  an fp32 copy of a half-precision H. The CPU runtime path.
+- ``reference`` (``procon_penalty_ref``): the naive unfused autograd version; the benchmarks'
+  baseline and the tests' oracle (run in float64).
+
+Every fused op works on 2-D H [N, D] with a contiguous last dim. Forward ops return
+(z [N], coef [N] or [0], loss []) in the accumulation dtype (fp32; fp64 for fp64 H), loss
+unscaled; backward ops return grad_scale * coef (outer) r (+ grad_in) as a new [N, D] tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastprocon.kernels import procon_projection as kernels
+
+NORMS = {"l1": kernels.NORM_L1, "l2sq": kernels.NORM_L2SQ, "huber": kernels.NORM_HUBER}
+
+# Rows per chunk of the torch path are chosen so a chunk's fp32 copy stays near 4 MiB.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for hidden states of `dtype`: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def psi_and_grad(diff: Tensor, norm: int, delta: float) -> tuple[Tensor, Tensor]:
+    """psi(diff) and psi'(diff) elementwise, for the norm codes of ``NORMS``."""
+    if norm == kernels.NORM_L1:
+        return diff.abs(), diff.sign()
+    if norm == kernels.NORM_L2SQ:
+        return diff * diff, 2.0 * diff
+    inside = diff.abs() <= delta
+    psi = torch.where(inside, 0.5 * diff * diff, delta * (diff.abs() - 0.5 * delta))
+    return psi, torch.where(inside, diff, delta * diff.sign())
+
+
+def _fwd_fake(hidden: Tensor, direction: Tensor, reference: Optional[Tensor], weight: Optional[Tensor],
+              norm: int, delta: float, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if need_grad else 0, dtype=acc),
+            hidden.new_empty((), dtype=acc))
+
+
+def _bwd_fake(coef: Tensor, direction: Tensor, grad_scale: Tensor, grad_in: Optional[Tensor],
+              out_dtype: torch.dtype) -> Tensor:
+    return coef.new_empty((coef.shape[0], direction.shape[0]), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend
+
+
+@torch.library.triton_op("fastprocon::projection_fwd_triton", mutates_args=())
+def projection_fwd_triton(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
+                          weight: Optional[Tensor], norm: int, delta: float,
+                          need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.projection_fwd(hidden, direction, reference, weight, norm, delta, need_grad)
+
+
+@torch.library.triton_op("fastprocon::projection_bwd_triton", mutates_args=())
+def projection_bwd_triton(coef: Tensor, direction: Tensor, grad_scale: Tensor,
+                          grad_in: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    return kernels.projection_bwd(coef, direction, grad_scale, grad_in, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: the same fused math, chunked
+
+
+def _row_chunks(n: int, d: int, dtype: torch.dtype):
+    """Row slices to process at once; the whole range when no dtype conversion is needed."""
+    if dtype == acc_dtype(dtype):
+        return [slice(0, n)]
+    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+@torch.library.custom_op("fastprocon::projection_fwd_torch", mutates_args=())
+def projection_fwd_torch(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
+                         weight: Optional[Tensor], norm: int, delta: float,
+                         need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n, d = hidden.shape
+    acc = acc_dtype(hidden.dtype)
+    z = torch.empty(n, dtype=acc, device=hidden.device)
+    for rows in _row_chunks(n, d, hidden.dtype):
+        torch.mv(hidden[rows].to(acc), direction, out=z[rows])
+    diff = z - reference.to(acc) if reference is not None else z
+    psi, dpsi = psi_and_grad(diff, norm, delta)
+    if weight is not None:
+        w = weight.to(acc)
+        psi, dpsi = psi * w, dpsi * w
+    coef = dpsi if need_grad else z.new_empty(0)
+    return z, coef, psi.sum()
+
+
+@torch.library.custom_op("fastprocon::projection_bwd_torch", mutates_args=())
+def projection_bwd_torch(coef: Tensor, direction: Tensor, grad_scale: Tensor,
+                         grad_in: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    n, d = coef.shape[0], direction.shape[0]
+    c = coef * grad_scale
+    if out_dtype == acc_dtype(out_dtype):  # no conversion: one op writes the result
+        return torch.outer(c, direction) if grad_in is None else torch.addr(grad_in.to(out_dtype), c, direction)
+    out = torch.empty((n, d), dtype=out_dtype, device=coef.device)
+    for rows in _row_chunks(n, d, out_dtype):
+        part = torch.outer(c[rows], direction) if grad_in is None else \
+            torch.addr(grad_in[rows].to(c.dtype), c[rows], direction)
+        out[rows] = part
+    return out
+
+
+for _op in (projection_fwd_triton, projection_fwd_torch):
+    _op.register_fake(_fwd_fake)
+for _op in (projection_bwd_triton, projection_bwd_torch):
+    _op.register_fake(_bwd_fake)
+
+FORWARD = {"triton": projection_fwd_triton, "torch": projection_fwd_torch}
+BACKWARD = {"triton": projection_bwd_triton, "torch": projection_bwd_torch}
+
+
+# ---------------------------------------------------------------------------------------------
+# reference: naive, unfused, autograd
+
+
+def procon_penalty_ref(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,
+                       weight: Optional[Tensor] = None, *, norm: str = "l1", delta: float = 1.0,
+                       scale: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+    """The obviously-right version: upcast H, matvec, psi, weighted sum; autograd does the rest.
+
+    hidden [..., D] any float dtype (computed in fp32, or fp64 for fp64 input); direction [D]
+    (normalised here); reference / weight of hidden's leading shape. Returns (loss [], z [...]).
+    """
+    acc = acc_dtype(hidden.dtype)
+    h = hidden.to(acc)
+    r = direction.to(acc)
+    r = r / r.norm()
+    z = h @ r
+    diff = z - reference.to(acc) if reference is not None else z
+    psi, _ = psi_and_grad(diff, NORMS[norm], delta)
+    if weight is not None:
+        psi = psi * weight.to(acc)
+    return scale * psi.sum(), z

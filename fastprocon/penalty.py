@@ -1,0 +1,242 @@
+"""Public ProCon penalty API: input checks, autograd Functions, functional and module forms.
+
+Two forms of the same penalty, loss = scale * sum_i w_i * psi(h_i . r_hat - z0_i):
+
+- ``procon_penalty``: returns the loss (differentiable in ``hidden``), for users who add it to
+  their own loss.
+- ``anchor_projection``: returns ``hidden`` unchanged plus the detached penalty value; its
+  backward adds scale * c (outer) r_hat to the incoming gradient in one fused pass, so a model's
+  usual ``loss.backward()`` carries the constraint without any N x D temporary.
+
+The direction need not be unit length: it is normalised (in fp32) on every call, so a raw
+difference-in-means vector works as is. Only c [N] and r_hat [D] are saved for backward.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from fastprocon import ops
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+Scale = Union[float, int, Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks (metadata only, except the optional direction value check)
+
+
+def _check_float(name: str, t: Tensor, allow_bool: bool = False) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex() or not (t.is_floating_point() or (allow_bool and t.dtype == torch.bool)):
+        kinds = "a floating-point or bool" if allow_bool else "a floating-point"
+        raise TypeError(f"{name} must be {kinds} tensor, got dtype {t.dtype}")
+
+
+def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor], weight: Optional[Tensor],
+                  norm: str, delta: float, scale: Scale, backend: str, validate: bool) -> None:
+    _check_float("hidden", hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, D] or [B, T, D], got shape {tuple(hidden.shape)}")
+    _check_float("direction", direction)
+    D = hidden.shape[-1]
+    if direction.dim() != 1 or direction.shape[0] != D:
+        raise ValueError(f"direction must have shape [{D}] to match hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(direction.shape)}")
+    lead = tuple(hidden.shape[:-1])
+    for name, t in (("reference", reference), ("weight", weight)):
+        if t is None:
+            continue
+        _check_float(name, t, allow_bool=name == "weight")
+        if tuple(t.shape) != lead:
+            raise ValueError(f"{name} must have shape {list(lead)} (hidden's leading dims, hidden is "
+                             f"{tuple(hidden.shape)}), got {tuple(t.shape)}")
+    for name, t in (("direction", direction), ("reference", reference), ("weight", weight), ("scale", scale)):
+        if isinstance(t, Tensor) and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if norm not in ops.NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(ops.NORMS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if not (isinstance(delta, (int, float)) and delta >= 0 and delta < float("inf")):
+        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+    if isinstance(scale, Tensor):
+        _check_float("scale", scale)
+        if scale.dim() != 0:
+            raise ValueError(f"scale must be a Python number or a 0-d tensor, got shape {tuple(scale.shape)}")
+    elif not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python number or a 0-d tensor, got {type(scale).__name__}")
+    if validate and not torch.compiler.is_compiling():  # value checks need a host sync on GPU
+        if not bool(torch.isfinite(direction).all()):
+            raise ValueError("direction has non-finite values")
+        if not bool((direction != 0).any()):
+            raise ValueError("direction is all zeros: it has no direction to project on")
+
+
+def resolve_backend(backend: str, hidden: Tensor) -> str:
+    """"auto" -> "triton" for CUDA tensors, "torch" otherwise; checks that "triton" can run."""
+    if backend == "auto":
+        return "triton" if hidden.is_cuda else "torch"
+    if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (hidden is on {hidden.device}); "
+                         "use backend='torch' on CPU, or set TRITON_INTERPRET=1 before importing fastprocon")
+    return backend
+
+
+def _unit(direction: Tensor, dtype: torch.dtype) -> Tensor:
+    r = direction.detach().to(ops.acc_dtype(dtype))
+    return r * torch.rsqrt(torch.dot(r, r))
+
+
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd Functions over 2-D hidden states
+
+
+class ProConPenaltyFunction(torch.autograd.Function):
+    """loss = scale * sum w psi(H r - z0); backward: grad_loss * scale * c (outer) r."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, scale: Scale, norm: int, delta: float,
+                backend: str):
+        z, coef, loss = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, ctx.needs_input_grad[0])
+        ctx.save_for_backward(coef, r, scale if isinstance(scale, Tensor) else None)
+        ctx.scale, ctx.backend, ctx.dtype = scale, backend, hidden.dtype
+        ctx.mark_non_differentiable(z)
+        return loss * scale, z
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_z):
+        coef, r, scale_t = ctx.saved_tensors
+        g = grad_loss * (scale_t if scale_t is not None else ctx.scale)
+        grad = ops.BACKWARD[ctx.backend](coef, r, g.to(r.dtype), None, ctx.dtype)
+        return grad, None, None, None, None, None, None, None
+
+
+class AnchorProjectionFunction(torch.autograd.Function):
+    """Identity on H in forward (plus the detached penalty); backward adds scale * c (outer) r."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, scale: Scale, norm: int, delta: float,
+                backend: str):
+        _, coef, loss = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, ctx.needs_input_grad[0])
+        g = scale.to(r.dtype) if isinstance(scale, Tensor) else torch.full((), scale, dtype=r.dtype, device=r.device)
+        ctx.save_for_backward(coef, r, g)
+        ctx.backend, ctx.dtype = backend, hidden.dtype
+        penalty = loss * g
+        ctx.mark_non_differentiable(penalty)
+        return hidden.view_as(hidden), penalty
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_penalty):
+        coef, r, g = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        grad = ops.BACKWARD[ctx.backend](coef, r, g, grad_out, ctx.dtype)
+        return grad, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# functional API
+
+
+def _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate):
+    _check_inputs(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
+    backend = resolve_backend(backend, hidden)
+    h2 = hidden.reshape(-1, hidden.shape[-1])  # a view whenever the strides allow
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    return h2, _unit(direction, hidden.dtype), _rows(reference), _rows(weight), backend
+
+
+def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,
+                   weight: Optional[Tensor] = None, *, norm: str = "l1", delta: float = 1.0,
+                   scale: Scale = 1.0, backend: str = "auto", return_projection: bool = False,
+                   validate: bool = True):
+    """ProCon projection penalty, differentiable in ``hidden``.
+
+    Args:
+        hidden: [N, D] or [B, T, D] hidden states, bf16 / fp16 / fp32 / fp64; any strides
+            (a contiguous last dim avoids a copy).
+        direction: [D] refusal direction, any float dtype; normalised to unit length here.
+        reference: z0, hidden's leading shape ([N] or [B, T]), any float dtype; None = zeros.
+        weight: per-token weights of hidden's leading shape, bool or float; 0 excludes a token
+            (prompt, padding). None = all ones.
+        norm: "l1" (|d|, the paper's choice; subgradient 0 at 0), "l2sq" (d^2) or "huber"
+            (0.5 d^2 for |d| <= delta, else delta (|d| - delta / 2)).
+        scale: a Python number or a 0-d tensor (e.g. alpha / global sample count, no host sync).
+        backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch" or "reference".
+        return_projection: also return z = hidden . r_hat (detached).
+        validate: check the direction's values (finite, non-zero); costs a host sync on GPU.
+            Skipped under torch.compile.
+
+    Returns:
+        loss: 0-d tensor, fp32 (fp64 for fp64 hidden); with return_projection, (loss, z) where z
+        has hidden's leading shape, fp32 (fp64 for fp64 hidden).
+    """
+    if backend == "reference":
+        _check_inputs(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
+        loss, z = ops.procon_penalty_ref(hidden, direction, reference, weight, norm=norm, delta=delta, scale=scale)
+        return (loss, z.detach()) if return_projection else loss
+    h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
+    loss, z = ProConPenaltyFunction.apply(h2, r, ref, w, scale, ops.NORMS[norm], float(delta), backend)
+    return (loss, z.view(hidden.shape[:-1])) if return_projection else loss
+
+
+def anchor_projection(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,
+                      weight: Optional[Tensor] = None, *, norm: str = "l1", delta: float = 1.0,
+                      scale: Scale = 1.0, backend: str = "auto", validate: bool = True) -> tuple[Tensor, Tensor]:
+    """Injection form of ``procon_penalty`` for training loops.
+
+    Returns ``(hidden_out, penalty)``: ``hidden_out`` equals ``hidden`` (same shape and values;
+    use it in place of ``hidden`` downstream) and its backward adds the penalty's gradient,
+    scale * c (outer) r_hat, to the incoming gradient in one fused pass. ``penalty`` is the
+    detached 0-d penalty value (equal to ``procon_penalty``'s), for logging without a host sync.
+    The total gradient is that of (downstream loss + penalty). Arguments as in ``procon_penalty``;
+    backend "reference" adds the reference penalty to the graph through a zero-valued term.
+    """
+    if backend == "reference":
+        loss = procon_penalty(hidden, direction, reference, weight, norm=norm, delta=delta, scale=scale,
+                              backend="reference", validate=validate)
+        return _AddGradOf.apply(hidden, loss), loss.detach()
+    h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
+    out, penalty = AnchorProjectionFunction.apply(h2, r, ref, w, scale, ops.NORMS[norm], float(delta), backend)
+    return out.view(hidden.shape), penalty
+
+
+class _AddGradOf(torch.autograd.Function):
+    """Returns x; backward also sends a gradient of 1 into `loss` (the unfused reference form)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, loss: Tensor):
+        ctx.loss_dtype = loss.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, torch.ones((), dtype=ctx.loss_dtype, device=grad_out.device)
+
+
+class ProConPenalty(torch.nn.Module):
+    """Module form holding one direction: ``ProConPenalty(direction, norm="l1")(hidden, z0, w)``."""
+
+    def __init__(self, direction: Tensor, *, norm: str = "l1", delta: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        _check_float("direction", direction)
+        self.register_buffer("direction", direction.detach().float().clone())
+        self.norm, self.delta, self.backend = norm, delta, backend
+
+    def forward(self, hidden: Tensor, reference: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                scale: Scale = 1.0) -> Tensor:
+        return procon_penalty(hidden, self.direction, reference, weight, norm=self.norm, delta=self.delta,
+                              scale=scale, backend=self.backend, validate=False)
+
+    def extra_repr(self) -> str:
+        return f"D={self.direction.numel()}, norm={self.norm!r}, delta={self.delta}, backend={self.backend!r}"
