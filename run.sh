@@ -8,7 +8,8 @@ cd "$(dirname "$0")"
 VENV=${FASTPROCON_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 PY="$VENV/bin/python"
-pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+# (grep drops the per-package notices some machines' pip config prints about absent local indexes)
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 # torch==2.13.0 first: any looser request would pull a multi-GB CUDA build onto a CPU machine.
 "$PY" -c "import torch" 2>/dev/null || pip_q torch==2.13.0
 stamp="$VENV/.fastprocon-installed"

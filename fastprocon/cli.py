@@ -17,7 +17,6 @@ COMMANDS = {
     "reference": "fastprocon.reference",
     "drift": "fastprocon.drift",
     "eval-refusal": "fastprocon.evaluate",
-    "demo": "fastprocon.demo",
 }
 
 
