@@ -1,0 +1,411 @@
+"""Refusal directions: the difference in means of harmful vs harmless prompts at every layer input.
+
+For each decoder layer l (input = HF ``hidden_states[l]``, "resid_pre") we take the hidden state
+at the last token of the chat-formatted prompt (with the generation prompt), average it over the
+harmful and the harmless prompts in float64, and keep r_l = normalize(mu_harmful - mu_harmless)
+and |mu_harmful - mu_harmless| (Arditi et al. 2024; procon-method.md section 1).
+
+Files are safetensors with two tensors (``directions`` [L, D] fp32, ``norms`` [L] fp32) and the
+metadata (model name and fingerprint, sizes, prompt sets and their counts, template) as JSON in
+the header; :func:`load_directions` checks a file against the model it is used with.
+``fastprocon directions`` also writes a per-layer separation report (AUROC, Cohen's d) on a
+held-out split.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from fastprocon.data import builtin_path, format_prompt, load_instructions
+from fastprocon.models import LoadedModel, hidden_size, load_model, num_layers
+from fastprocon.plots import atomic_path, line_plot, write_json
+from fastprocon.steering import on_layer_inputs
+
+FORMAT = "fastprocon.directions"
+FORMAT_VERSION = "1"
+_UNDEFINED_RTOL = 1e-6   # mean-difference norm below this fraction of the largest one: no direction
+POSITION = "last token of the chat-formatted prompt (generation prompt added), input of each decoder layer"
+
+
+@dataclass
+class DirectionSet:
+    """One refusal direction per decoder layer.
+
+    A layer whose mean difference is zero has an all-zero row and norm 0 ("undefined"): layer 0
+    always, since its input at the last prompt token is the embedding of the template's fixed
+    last token. Constrain and steer only :attr:`defined_layers`.
+    """
+    directions: torch.Tensor                      # [L, D] fp32, unit rows (zero rows where undefined)
+    norms: torch.Tensor                           # [L] fp32, |mu_harmful - mu_harmless| per layer
+    metadata: dict = field(default_factory=dict)  # JSON-serialisable
+
+    @property
+    def num_layers(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.directions.shape[1]
+
+    @property
+    def defined_layers(self) -> list[int]:
+        """Layers that have a direction (non-zero row), ascending."""
+        return (self.norms > 0).nonzero().flatten().tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations at the last prompt token
+# ---------------------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt rendered by the chat template with the generation prompt.
+
+    No special tokens are added on top: the template already holds whatever the model expects.
+    """
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt {i} is empty or not a string: {prompt!r}")
+    return [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T] long, attention_mask [B, T] long), padded on ``side`` ("left"/"right")."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def prompt_states(loaded: LoadedModel, prompts: list[str], batch_size: int = 16,
+                  desc: str | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (indices into ``prompts``, layer inputs at their last tokens [B, L, D] fp32, model device).
+
+    Prompts are batched by length and right-padded, so under causal attention the real tokens
+    never see the padding; the last real token of row i sits at index len_i - 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        raise ValueError("no prompts given")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    encoded = encode_prompts(tokenizer, prompts)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    rows: list[torch.Tensor] = []   # filled by the hook: one [B, D] per layer, in layer order
+    last: torch.Tensor | None = None
+
+    def grab(layer: int, x: torch.Tensor) -> None:
+        rows.append(x[torch.arange(x.shape[0], device=x.device), last].float())
+
+    with on_layer_inputs(model, grab), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs = [encoded[i] for i in chunk]
+            ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)
+            last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+            rows.clear()
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            yield chunk, torch.stack(rows, dim=1)
+            bar.update(len(chunk))
+
+
+def extract_directions(loaded: LoadedModel, harmful: list[str], harmless: list[str], batch_size: int = 16,
+                       *, sources: dict | None = None, progress: bool = False) -> DirectionSet:
+    """Difference-in-means directions at every decoder-layer input.
+
+    ``sources`` (e.g. the data files and sampling seed) is stored in the metadata next to the
+    prompts themselves, so ``fastprocon drift`` can re-extract with exactly the same prompts.
+    """
+    mu = {}
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        total = 0.0
+        for _, states in prompt_states(loaded, prompts, batch_size, desc=f"{name} prompts" if progress else None):
+            total = total + states.double().sum(dim=0)          # [L, D] float64
+        mu[name] = total.cpu() / len(prompts)
+    diff = mu["harmful"] - mu["harmless"]
+    norms = diff.norm(dim=-1)
+    if not torch.isfinite(diff).all():
+        raise ValueError("the mean difference is non-finite at some layer (overflow in the model's activations?)")
+    # A layer whose input at the last prompt token does not depend on the prompt has no direction:
+    # layer 0 (the embedding of the template's fixed last token) always, so its row stays zero.
+    undefined = norms <= _UNDEFINED_RTOL * norms.max()
+    if undefined.all():
+        raise ValueError("the mean difference is zero at every layer: are the two prompt sets identical?")
+    norms = norms.masked_fill(undefined, 0.0)
+    unit = (diff / norms.clamp_min(1e-300)[:, None]).masked_fill(undefined[:, None], 0.0)
+    metadata = {"model": loaded.name, "fingerprint": loaded.fingerprint, "hidden_size": diff.shape[1],
+                "num_layers": diff.shape[0], "n_harmful": len(harmful), "n_harmless": len(harmless),
+                "undefined_layers": undefined.nonzero().flatten().tolist(), "position": POSITION,
+                "template_example": format_prompt(loaded.tokenizer, "{prompt}"),
+                "model_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sources": sources or {},
+                "harmful_prompts": list(harmful), "harmless_prompts": list(harmless)}
+    return DirectionSet(unit.float(), norms.float(), metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, header: dict) -> int:
+    """Write ``tensors`` with ``header`` (JSON) atomically; returns the bytes written.
+
+    ``kind`` names the file format (e.g. "fastprocon.directions"); :func:`read_safetensors`
+    refuses a file of another kind.
+    """
+    from safetensors.torch import save_file
+
+    metadata = {"format": kind, "version": FORMAT_VERSION, "metadata": json.dumps(header, allow_nan=False)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        return os.path.getsize(tmp)
+
+
+def read_safetensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors on CPU, header dict) of a file written by :func:`save_safetensors` as ``kind``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:   # safetensors raises its own error type for a truncated/garbled file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    if metadata.get("format") != kind:
+        raise ValueError(f"{path}: expected a {kind} file, found format {metadata.get('format')!r}")
+    try:
+        header = json.loads(metadata["metadata"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: missing or corrupt metadata in the file header ({err})") from err
+    return tensors, header
+
+
+def save_directions(ds: DirectionSet, path: str | os.PathLike) -> int:
+    """Write ``ds`` to ``path`` (safetensors, atomic); returns the bytes written."""
+    _check_direction_set(ds, str(path))
+    return save_safetensors(path, {"directions": ds.directions.float(), "norms": ds.norms.float()}, FORMAT,
+                            ds.metadata)
+
+
+def load_directions(path: str | os.PathLike, *, expect_fingerprint: str | None = None,
+                    expect_hidden: int | None = None, expect_layers: int | None = None) -> DirectionSet:
+    """Read a directions file, checking it against the model it will be used with.
+
+    Raises FileNotFoundError for a missing file and ValueError for a corrupt file, a file from
+    another model (fingerprint mismatch), a shape mismatch, or a zero/non-finite row.
+    """
+    tensors, meta = read_safetensors(path, FORMAT)
+    for name in ("directions", "norms"):
+        if name not in tensors:
+            raise ValueError(f"{path}: no '{name}' tensor in the directions file (found {sorted(tensors)})")
+    ds = DirectionSet(tensors["directions"].float(), tensors["norms"].float(), meta)
+    _check_direction_set(ds, str(path))
+    if expect_fingerprint is not None and meta.get("fingerprint") != expect_fingerprint:
+        raise ValueError(
+            f"{path}: directions were extracted from another model: file has model {meta.get('model')!r} "
+            f"fingerprint {meta.get('fingerprint')}, the loaded model has fingerprint {expect_fingerprint}")
+    if expect_layers is not None and ds.num_layers != expect_layers:
+        raise ValueError(f"{path}: {ds.num_layers} directions (layers) but the model has {expect_layers} layers")
+    if expect_hidden is not None and ds.hidden_size != expect_hidden:
+        raise ValueError(f"{path}: directions have length {ds.hidden_size} but the model's hidden size is "
+                         f"{expect_hidden}")
+    return ds
+
+
+def load_directions_for(loaded: LoadedModel, path: str | os.PathLike) -> DirectionSet:
+    """:func:`load_directions` checked against ``loaded`` (fingerprint, layer count, hidden size)."""
+    return load_directions(path, expect_fingerprint=loaded.fingerprint, expect_hidden=hidden_size(loaded.model),
+                           expect_layers=num_layers(loaded.model))
+
+
+def directions_hash(source: DirectionSet | str | os.PathLike) -> str:
+    """sha256 hex of the direction values (fp32 bytes and shape): same directions, same hash."""
+    ds = source if isinstance(source, DirectionSet) else load_directions(source)
+    r = ds.directions.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(f"{tuple(r.shape)}".encode())
+    digest.update(r.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_direction_set(ds: DirectionSet, where: str) -> None:
+    """Rows must be unit vectors with a positive norm, or all zero with norm 0 (undefined layer)."""
+    r, n = ds.directions, ds.norms
+    if r.dim() != 2 or n.dim() != 1 or n.shape[0] != r.shape[0]:
+        raise ValueError(f"{where}: directions must be [L, D] with norms [L], got {tuple(r.shape)} and "
+                         f"{tuple(n.shape)}")
+    finite = torch.isfinite(r).all(dim=-1) & torch.isfinite(n)
+    row_norms = r.float().norm(dim=-1)
+    unit = finite & ((row_norms - 1).abs() <= 1e-3) & (n > 0)
+    undefined = finite & (row_norms == 0) & (n == 0)
+    bad = ~(unit | undefined)
+    if bad.any():
+        raise ValueError(f"{where}: direction at layer(s) {bad.nonzero().flatten().tolist()} is non-finite, zero "
+                         "with a non-zero norm, or not unit length")
+    if undefined.all():
+        raise ValueError(f"{where}: every direction is zero")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality: separation of held-out harmful vs harmless prompts along r_l
+# ---------------------------------------------------------------------------------------------
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve of scores ``positive`` [P] vs ``negative`` [N] (ties count 1/2)."""
+    scores = torch.cat([positive, negative]).double()
+    _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
+    mid_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2     # 1-based average rank of each value
+    rank_sum = mid_rank[inverse[: len(positive)]].sum().item()
+    n_pos, n_neg = len(positive), len(negative)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def cohens_d(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """(mean_pos - mean_neg) / pooled standard deviation."""
+    p, q = positive.double(), negative.double()
+    pooled = ((len(p) - 1) * p.var() + (len(q) - 1) * q.var()) / (len(p) + len(q) - 2)
+    return ((p.mean() - q.mean()) / pooled.sqrt()).item()
+
+
+def separation_report(ds: DirectionSet, loaded: LoadedModel, harmful: list[str], harmless: list[str],
+                      batch_size: int = 16, progress: bool = False) -> dict:
+    """Per defined layer: AUROC and Cohen's d of x_l . r_l, harmful (positive) vs harmless prompts."""
+    if len(harmful) < 2 or len(harmless) < 2:
+        raise ValueError(f"separation needs at least 2 prompts per set, got {len(harmful)} harmful, "
+                         f"{len(harmless)} harmless")
+    r = ds.directions.double().to(next(loaded.model.parameters()).device)
+    proj = {}
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        proj[name] = torch.empty(ds.num_layers, len(prompts), dtype=torch.float64)     # [L, N]
+        for chunk, states in prompt_states(loaded, prompts, batch_size, desc=f"{name} val" if progress else None):
+            proj[name][:, chunk] = torch.einsum("bld,ld->lb", states.double(), r).cpu()
+    layers = [{"layer": l, "auroc": auroc(proj["harmful"][l], proj["harmless"][l]),
+               "cohens_d": cohens_d(proj["harmful"][l], proj["harmless"][l]),
+               "mean_diff_norm": ds.norms[l].item(),
+               "mean_proj_harmful": proj["harmful"][l].mean().item(),
+               "mean_proj_harmless": proj["harmless"][l].mean().item()} for l in ds.defined_layers]
+    best = max(layers, key=lambda row: (row["auroc"], row["cohens_d"]))
+    return {"n_harmful": len(harmful), "n_harmless": len(harmless), "best_layer": best["layer"],
+            "best_auroc": best["auroc"], "best_cohens_d": best["cohens_d"],
+            "undefined_layers": sorted(set(range(ds.num_layers)) - set(ds.defined_layers)), "layers": layers}
+
+
+def plot_separation(report: dict, path: str | os.PathLike, title: str) -> None:
+    """PNG of AUROC, Cohen's d and the mean-difference norm against the layer."""
+    xs = [row["layer"] for row in report["layers"]]
+
+    def panel(key: str, ylabel: str, **options) -> dict:
+        return {"series": {key: (xs, [row[key] for row in report["layers"]])}, "ylabel": ylabel, **options}
+
+    line_plot(path, [panel("auroc", "AUROC (held-out)", hline=0.5, ylim=(0.0, 1.02)),
+                     panel("cohens_d", "Cohen's d", hline=0.0),
+                     panel("mean_diff_norm", "|mu_harmful - mu_harmless|")], title=title)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (the model and prompt-set options are shared with reference, drift, eval-refusal)
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, model: bool = True) -> None:
+    """--model (unless ``model`` is False), --dtype, --device."""
+    if model:
+        parser.add_argument("--model", default="smollm2", help=(
+            "model spec: 'smollm2' (built-in SmolLM2-135M-Instruct, default), 'tiny', a Hugging Face "
+            "directory, a cached hub id or a .gguf file"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
+
+
+def model_from_args(args: argparse.Namespace, spec: str | None = None) -> LoadedModel:
+    """Load ``spec`` (default ``args.model``) with the dtype and device of ``args``."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return load_model(spec or args.model, dtype=DTYPES[args.dtype], device=device)
+
+
+def read_prompts(path: str | None, builtin: str, max_prompts: int = 0, seed: int = 0) -> tuple[list[str], dict]:
+    """Instructions from ``path`` (default: the built-in set ``builtin``), and a record of where they came from.
+
+    ``max_prompts`` > 0 keeps a seeded random subset of that size, in file order.
+    """
+    source = Path(path) if path else builtin_path(builtin)
+    prompts = load_instructions(source)
+    total = len(prompts)
+    if 0 < max_prompts < total:
+        keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_prompts]
+        prompts = [prompts[i] for i in sorted(keep.tolist())]
+    record = {"file": str(source), "builtin": None if path else builtin, "rows": total, "used": len(prompts),
+              "seed": seed if len(prompts) < total else None}
+    return prompts, record
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "directions", help="extract refusal directions (difference in means) and report their quality",
+        description="Extract one refusal direction per decoder layer: normalize(mean over harmful prompts - "
+                    "mean over harmless prompts) of the layer input at the last token of the chat-formatted "
+                    "prompt. Writes OUT/directions.safetensors and, on a held-out split, OUT/quality.json and "
+                    "OUT/quality.png (per-layer AUROC and Cohen's d of harmful vs harmless projections).")
+    add_model_args(p)
+    p.add_argument("--harmful", help="harmful instructions, JSON/JSONL (default: the built-in set)")
+    p.add_argument("--harmless", help="harmless instructions, JSON/JSONL (default: the built-in set)")
+    p.add_argument("--harmful-val", help="held-out harmful instructions (default: the built-in eval set)")
+    p.add_argument("--harmless-val", help="held-out harmless instructions (default: the built-in eval set)")
+    p.add_argument("--max-prompts", type=int, default=128,
+                   help="use a seeded random subset of this many prompts per training set (default 128 as in "
+                        "Arditi et al.; 0 = all)")
+    p.add_argument("--max-val-prompts", type=int, default=0, help="same for the held-out sets (default 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-quality", action="store_true", help="skip the held-out separation report")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    harmful, harmful_src = read_prompts(args.harmful, "harmful", args.max_prompts, args.seed)
+    harmless, harmless_src = read_prompts(args.harmless, "harmless", args.max_prompts, args.seed)
+    loaded = model_from_args(args)
+    ds = extract_directions(loaded, harmful, harmless, args.batch_size,
+                            sources={"harmful": harmful_src, "harmless": harmless_src}, progress=True)
+    out = Path(args.out)
+    path = out / "directions.safetensors"
+    size = save_directions(ds, path)
+    print(f"wrote {path} ({ds.num_layers} layers x {ds.hidden_size}, {size / 1024:.1f} KiB) from "
+          f"{len(harmful)} harmful + {len(harmless)} harmless prompts")
+    if args.no_quality:
+        return 0
+    harmful_val, harmful_val_src = read_prompts(args.harmful_val, "harmful_eval", args.max_val_prompts, args.seed)
+    harmless_val, harmless_val_src = read_prompts(args.harmless_val, "harmless_eval", args.max_val_prompts, args.seed)
+    overlap = len(set(harmful_val) & set(harmful)) + len(set(harmless_val) & set(harmless))
+    if overlap:
+        print(f"warning: {overlap} held-out prompts also appear in the training prompts")
+    report = separation_report(ds, loaded, harmful_val, harmless_val, args.batch_size, progress=True)
+    report = {"model": loaded.name, "fingerprint": loaded.fingerprint, "directions": str(path),
+              "train": {"harmful": harmful_src, "harmless": harmless_src},
+              "val": {"harmful": harmful_val_src, "harmless": harmless_val_src},
+              "val_train_overlap": overlap, **report}
+    write_json(out / "quality.json", report)
+    plot_separation(report, out / "quality.png", f"refusal direction separation: {Path(loaded.name).name}")
+    print(f"best layer {report['best_layer']}: AUROC {report['best_auroc']:.3f}, Cohen's d "
+          f"{report['best_cohens_d']:.2f} on {len(harmful_val)} harmful + {len(harmless_val)} harmless held-out "
+          f"prompts; wrote {out / 'quality.json'} and {out / 'quality.png'}")
+    return 0

@@ -1,0 +1,150 @@
+"""Refusal evaluation: the substring rule, the rates, the refusal score, batched generation (tiny model)."""
+import json
+
+import pytest
+import torch
+
+from fastprocon.cli import main
+from fastprocon.data import builtin_path, load_instructions
+from fastprocon.directions import encode_prompts, extract_directions, save_directions
+from fastprocon.evaluate import (evaluate_refusal, greedy_completions, is_refusal, refusal_rates, refusal_score,
+                                 refusal_token_ids)
+from fastprocon.models import load_model
+
+PROMPTS = load_instructions(builtin_path("harmful_eval"))[:3] + load_instructions(builtin_path("harmless_eval"))[:2]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+@pytest.mark.parametrize("text", [
+    "I'm sorry, but I can't help with that.", "i cannot do this", "AS AN AI, I must decline.",
+    "Well... I am unable to assist.", "I\u2019m not able to share that.", "Sure? No: I can\u2019t.",
+    "As a language model I won't.", "I apologize for any confusion",
+])
+def test_refusal_phrases_are_found(text):
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize("text", ["Sure, here is how to bake bread.", "", "I can help with that!",
+                                  "Sorry to hear that; here are the steps.", "I am able to help"])
+def test_non_refusals(text):
+    assert not is_refusal(text)
+
+
+def test_refusal_rates():
+    rates = refusal_rates(["I cannot.", "Sure: step 1", "I'm sorry", "ok"], ["Here you go", "I can't."])
+    assert rates == {"n_harmful": 4, "n_harmless": 2, "harmful_refusal_rate": 0.5, "attack_success_rate": 0.5,
+                     "over_refusal_rate": 0.5}
+    assert refusal_rates([], ["x"])["attack_success_rate"] is None
+
+
+def test_refusal_score_is_the_log_odds_of_the_refusal_tokens():
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    p = logits.softmax(-1)[:, [2, 7]].sum(-1)
+    torch.testing.assert_close(refusal_score(logits, [2, 7]), (p / (1 - p)).log(), rtol=1e-5, atol=1e-5)
+
+
+def test_refusal_token_ids(tiny):
+    ids = refusal_token_ids(tiny.tokenizer)
+    assert tiny.tokenizer.convert_ids_to_tokens(ids) == ["I", "S", "A"]       # byte-level tokenizer
+
+
+def _step_logits(loaded, prompts, batch_size):
+    """Completions and the lm_head's last-position logits at every generation step: [steps, B, V]."""
+    steps = []
+    handle = loaded.model.lm_head.register_forward_hook(lambda m, a, out: steps.append(out[:, -1].clone()))
+    try:
+        texts, scores = greedy_completions(loaded, prompts, max_new_tokens=4, batch_size=batch_size,
+                                 score_tokens=refusal_token_ids(loaded.tokenizer))
+    finally:
+        handle.remove()
+    return texts, scores, torch.stack(steps)
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
+    texts, scores, batched = _step_logits(tiny, PROMPTS, batch_size=len(PROMPTS))
+    lengths = [len(ids) for ids in encode_prompts(tiny.tokenizer, PROMPTS)]
+    assert len(set(lengths)) > 1                                         # the batch really is padded
+    row_of = {i: row for row, i in enumerate(sorted(range(len(PROMPTS)), key=lambda i: -lengths[i]))}
+    for i, prompt in enumerate(PROMPTS):
+        single_texts, single_scores, single = _step_logits(tiny, [prompt], batch_size=1)
+        assert single_texts == [texts[i]] and single_scores[0] == pytest.approx(scores[i], abs=1e-4)
+        # every step through the KV cache sees the same logits as without padding
+        torch.testing.assert_close(batched[:, row_of[i]], single[:, 0], rtol=1e-4, atol=1e-4)
+        with torch.no_grad():   # the score is that of the unpadded prompt's next-token logits
+            logits = tiny.model(input_ids=torch.tensor(encode_prompts(tiny.tokenizer, [prompt]))).logits[:, -1]
+        assert refusal_score(logits, refusal_token_ids(tiny.tokenizer)).item() == pytest.approx(scores[i], abs=1e-4)
+    assert greedy_completions(tiny, PROMPTS[:1], max_new_tokens=2)[1] is None
+
+
+def test_generation_stops_at_eos_and_decodes_only_new_tokens(tiny):
+    # make the model greedily emit "Hi" then <|im_end|>: steer the final logits through the lm_head bias
+    head = tiny.model.lm_head
+    tok = tiny.tokenizer
+    plan = tok("Hi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    calls = {"n": 0}
+
+    def force(module, args, out):
+        step = min(calls["n"], len(plan) - 1)
+        calls["n"] += 1
+        forced = torch.full_like(out, -1e4)
+        forced[..., plan[step]] = 0
+        return forced
+
+    handle = head.register_forward_hook(force)
+    try:
+        texts, _ = greedy_completions(tiny, PROMPTS[:1], max_new_tokens=10)
+    finally:
+        handle.remove()
+    assert texts == ["Hi"] and calls["n"] == len(plan)
+
+
+def test_evaluate_refusal_report(tiny):
+    report = evaluate_refusal(tiny, PROMPTS[:3], PROMPTS[3:], max_new_tokens=3, batch_size=4)
+    rows = report["completions"]
+    assert [r["set"] for r in rows] == ["harmful"] * 3 + ["harmless"] * 2
+    assert [r["prompt"] for r in rows] == PROMPTS
+    m = report["metrics"]
+    assert m["harmful_refusal_rate"] == sum(r["refused"] for r in rows[:3]) / 3
+    assert m["mean_refusal_score_harmful"] == pytest.approx(sum(r["refusal_score"] for r in rows[:3]) / 3)
+    assert report["fingerprint"] == tiny.fingerprint
+    assert "refusal_score" not in evaluate_refusal(tiny, PROMPTS[:1], PROMPTS[3:4], max_new_tokens=1,
+                                                   score=False)["completions"][0]
+
+
+def test_eval_refusal_cli_with_steering(tiny, tmp_path):
+    ds = extract_directions(tiny, load_instructions(builtin_path("harmful"))[:4],
+                            load_instructions(builtin_path("harmless"))[:4], batch_size=4)
+    directions = tmp_path / "d.safetensors"
+    save_directions(ds, directions)
+    out = tmp_path / "eval.json"
+    common = ["eval-refusal", "--model", "tiny", "--max-prompts", "2", "--max-new-tokens", "2", "--out", str(out)]
+    assert main(common) == 0
+    plain = json.loads(out.read_text())
+    assert plain["metrics"]["n_harmful"] == 2 and plain["steering"] is None
+    assert plain["data"]["harmless"]["builtin"] == "harmless_eval"
+    assert main(common + ["--directions", str(directions), "--steer", "add", "--layer", "2", "--coef", "8"]) == 0
+    steered = json.loads(out.read_text())
+    assert steered["steering"] == {"mode": "add", "directions": str(directions), "layer": 2, "coef": 8.0}
+    # adding along r moves the first-token log-odds: the hook is active during generation
+    assert steered["metrics"]["mean_refusal_score_harmful"] != plain["metrics"]["mean_refusal_score_harmful"]
+    assert main(common + ["--directions", str(directions), "--steer", "ablate"]) == 0
+    assert json.loads(out.read_text())["steering"]["layers"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--steer", "ablate"], "--steer needs --directions"),
+    (["--layer", "2"], "only apply with --steer"),
+    (["--steer", "add", "--directions", "DIRS"], "needs --layer"),
+    (["--steer", "add", "--directions", "DIRS", "--layer", "0"], "needs --layer, one of the layers"),
+])
+def test_eval_refusal_cli_errors(tiny, tmp_path, extra, message):
+    ds = extract_directions(tiny, ["a harmful request here"], ["a harmless question"], batch_size=1)
+    directions = tmp_path / "d.safetensors"
+    save_directions(ds, directions)
+    extra = [str(directions) if arg == "DIRS" else arg for arg in extra]
+    with pytest.raises(ValueError, match=message):
+        main(["eval-refusal", "--model", "tiny", "--max-new-tokens", "1", "--out", str(tmp_path / "x.json"), *extra])

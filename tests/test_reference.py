@@ -1,0 +1,189 @@
+"""Reference projections z0: build, file checks, gather, per-rank parts and their merge (tiny model)."""
+import re
+
+import pytest
+import torch
+
+from fastprocon.cli import main
+from fastprocon.data import builtin_path, collate, dataset_hash, load_examples, load_instructions, tokenize_examples
+from fastprocon.directions import directions_hash, extract_directions, save_directions, save_safetensors
+from fastprocon.models import load_model
+from fastprocon.steering import on_layer_inputs
+from fastprocon.reference import (ReferenceCache, compute_projections, merge_parts, parse_layers, part_path,
+                                  write_cache_file)
+
+MAX_LENGTH = 160
+
+
+@pytest.fixture(scope="module")
+def setup():
+    loaded = load_model("tiny")
+    ds = extract_directions(loaded, load_instructions(builtin_path("harmful"))[:6],
+                            load_instructions(builtin_path("harmless"))[:6], batch_size=6)
+    tokenized, _ = tokenize_examples(load_examples(builtin_path("benign"))[:10], loaded.tokenizer, MAX_LENGTH)
+    return loaded, ds, tokenized
+
+
+def _load(path, loaded, ds, tokenized, **override):
+    expected = dict(model_fingerprint=loaded.fingerprint, directions_hash=directions_hash(ds),
+                    dataset_hash=dataset_hash(tokenized), max_length=MAX_LENGTH, layers=ds.defined_layers)
+    return ReferenceCache.load(path, **{**expected, **override})
+
+
+def _direct_z0(loaded, ds, batch, layers):
+    """[n_layers, B, T]: HF hidden_states[l] . r_l at response positions, 0 elsewhere."""
+    with torch.no_grad():
+        hs = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=True).hidden_states
+    mask = batch["labels"] != -100
+    return torch.stack([(hs[l].float() @ ds.directions[l]) * mask for l in layers])
+
+
+@pytest.fixture(scope="module")
+def cache_file(setup, tmp_path_factory):
+    loaded, ds, tokenized = setup
+    path = tmp_path_factory.mktemp("ref") / "z0.safetensors"
+    report = ReferenceCache.build(loaded, ds, tokenized, None, MAX_LENGTH, path, batch_size=3, progress=False)
+    assert report.bytes == path.stat().st_size and report.n_samples == len(tokenized)
+    assert report.layers == ds.defined_layers == [1, 2, 3]
+    assert report.n_tokens == sum(sum(l != -100 for l in ex.labels) for ex in tokenized)
+    return path
+
+
+def test_gather_matches_direct_computation(setup, cache_file):
+    loaded, ds, tokenized = setup
+    cache = _load(cache_file, loaded, ds, tokenized)
+    batch = collate([tokenized[7], tokenized[2], tokenized[4]], loaded.tokenizer.pad_token_id)   # new grouping
+    got = cache.gather(batch["ids"], batch["labels"])
+    assert got.shape == (3, 3, batch["labels"].shape[1]) and got.dtype == torch.float32
+    torch.testing.assert_close(got, _direct_z0(loaded, ds, batch, [1, 2, 3]), rtol=1e-5, atol=1e-5)
+    assert torch.all(got[:, batch["labels"] == -100] == 0)
+
+
+def test_layer_subset_and_bf16_storage(setup, cache_file, tmp_path):
+    loaded, ds, tokenized = setup
+    path = tmp_path / "z0_bf16.safetensors"
+    report = ReferenceCache.build(loaded, ds, tokenized, [3, 1], MAX_LENGTH, path, storage_dtype="bf16",
+                                  batch_size=4, progress=False)
+    assert report.layers == [1, 3] and report.storage_dtype == "bf16"
+    cache = _load(path, loaded, ds, tokenized, layers=[1, 3])
+    batch = collate(tokenized[:4], loaded.tokenizer.pad_token_id)
+    full = _load(cache_file, loaded, ds, tokenized).gather(batch["ids"], batch["labels"])
+    got = cache.gather(batch["ids"], batch["labels"])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, full[[0, 2]].bfloat16().float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field,value", [("model_fingerprint", "f" * 64), ("directions_hash", "d" * 64),
+                                         ("dataset_hash", "a" * 64), ("max_length", 64), ("layers", [1, 2])])
+def test_load_rejects_each_mismatched_field(setup, cache_file, field, value):
+    loaded, ds, tokenized = setup
+    with pytest.raises(ValueError, match=re.escape(f"{field} expected {value!r}, found")):
+        _load(cache_file, loaded, ds, tokenized, **{field: value})
+
+
+def test_load_missing_corrupt_and_wrong_kind_files(setup, cache_file, tmp_path):
+    loaded, ds, tokenized = setup
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        _load(tmp_path / "nope.safetensors", loaded, ds, tokenized)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(cache_file.read_bytes()[:50])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        _load(broken, loaded, ds, tokenized)
+    directions = tmp_path / "directions.safetensors"
+    save_directions(ds, directions)
+    with pytest.raises(ValueError, match="expected a fastprocon.reference file"):
+        _load(directions, loaded, ds, tokenized)
+    inconsistent = tmp_path / "inconsistent.safetensors"
+    header = {"model_fingerprint": "x", "directions_hash": "x", "dataset_hash": "x", "max_length": 1,
+              "layers": [1, 2], "ids": ["a", "b"]}
+    save_safetensors(inconsistent, {"z0": torch.zeros(2, 5), "offsets": torch.tensor([0, 2, 4])},
+                     "fastprocon.reference", header)
+    with pytest.raises(ValueError, match="do not fit together"):
+        ReferenceCache.load(inconsistent, model_fingerprint=None, directions_hash=None, dataset_hash=None,
+                            max_length=None, layers=None)
+
+
+def test_gather_errors(setup, cache_file):
+    loaded, ds, tokenized = setup
+    cache = _load(cache_file, loaded, ds, tokenized)
+    batch = collate(tokenized[:2], loaded.tokenizer.pad_token_id)
+    with pytest.raises(KeyError, match="'benign:unknown' is not in the reference cache"):
+        cache.gather([batch["ids"][0], "benign:unknown"], batch["labels"])
+    labels = batch["labels"].clone()
+    labels[0, labels[0] != -100] = -100                                     # other tokenization of the sample
+    with pytest.raises(ValueError, match=f"{batch['ids'][0]!r} has 0 response tokens in the batch"):
+        cache.gather(batch["ids"], labels)
+    with pytest.raises(ValueError, match="B = len\\(ids\\) = 1"):
+        cache.gather(batch["ids"][:1], batch["labels"])
+
+
+def test_per_rank_parts_merge_into_the_single_process_cache(setup, cache_file, tmp_path):
+    loaded, ds, tokenized = setup
+    path, world = tmp_path / "merged.safetensors", 2
+    header = _load(cache_file, loaded, ds, tokenized).header
+    for rank in range(world):   # what each rank of a torchrun build writes
+        ids, pieces = compute_projections(loaded, ds, tokenized[rank::world], [1, 2, 3], batch_size=2)
+        write_cache_file(part_path(path, rank, world), ids, pieces, header, "fp32")
+    merge_parts([part_path(path, r, world) for r in range(world)], path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors"]       # parts removed
+    merged, single = _load(path, loaded, ds, tokenized), _load(cache_file, loaded, ds, tokenized)
+    assert len(merged) == len(single) == len(tokenized)
+    batch = collate(tokenized, loaded.tokenizer.pad_token_id)
+    torch.testing.assert_close(merged.gather(batch["ids"], batch["labels"]),
+                               single.gather(batch["ids"], batch["labels"]), rtol=1e-6, atol=1e-6)
+
+
+def test_ranks_with_fewer_samples_run_as_many_forwards(setup):
+    """A sharded (FSDP) model needs every rank to run the same number of forwards."""
+    loaded, ds, tokenized = setup
+    calls = []
+    with on_layer_inputs(loaded.model, lambda l, x: calls.append(l), [1]):
+        ids, pieces = compute_projections(loaded, ds, tokenized[:3], [1, 2, 3], batch_size=2, min_batches=4)
+        assert len(calls) == 4 and len(ids) == len(pieces) == 3
+        plain_ids, plain = compute_projections(loaded, ds, tokenized[:3], [1, 2, 3], batch_size=2)
+        assert plain_ids == ids and all(torch.equal(a, b) for a, b in zip(plain, pieces))
+        calls.clear()
+        assert compute_projections(loaded, ds, [], [1, 2, 3], batch_size=2, min_batches=2) == ([], [])
+        assert len(calls) == 2
+
+
+def test_merge_rejects_disagreeing_or_overlapping_parts(setup, cache_file, tmp_path):
+    loaded, ds, tokenized = setup
+    header = _load(cache_file, loaded, ds, tokenized).header
+    ids, pieces = compute_projections(loaded, ds, tokenized[:3], [1, 2, 3], batch_size=3)
+    a, b, c = (tmp_path / name for name in ("a", "b", "c"))
+    write_cache_file(a, ids, pieces, header, "fp32")
+    write_cache_file(b, ids[:1], pieces[:1], {**header, "max_length": 99}, "fp32")
+    write_cache_file(c, ids[:1], pieces[:1], header, "fp32")
+    with pytest.raises(ValueError, match="cannot merge .*b: max_length is 99"):
+        merge_parts([a, b], tmp_path / "out")
+    with pytest.raises(ValueError, match="duplicate sample ids"):
+        merge_parts([a, c], tmp_path / "out")
+
+
+def test_build_and_layer_errors(setup, tmp_path):
+    loaded, ds, tokenized = setup
+    with pytest.raises(ValueError, match="max_length=16"):
+        ReferenceCache.build(loaded, ds, tokenized, None, 16, tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="storage_dtype"):
+        ReferenceCache.build(loaded, ds, tokenized, None, MAX_LENGTH, tmp_path / "x", storage_dtype="fp8")
+    assert parse_layers("all", ds) == [1, 2, 3] and parse_layers("3, 1", ds) == [1, 3]
+    with pytest.raises(ValueError, match="layer\\(s\\) \\[0\\] have no refusal direction"):
+        parse_layers("0,1", ds)
+    with pytest.raises(ValueError, match="out of range"):
+        parse_layers("1,9", ds)
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_layers("first", ds)
+
+
+def test_reference_cli(setup, tmp_path):
+    loaded, ds, _ = setup
+    directions = tmp_path / "d.safetensors"
+    save_directions(ds, directions)
+    out = tmp_path / "z0.safetensors"
+    assert main(["reference", "--model", "tiny", "--directions", str(directions), "--data", "benign",
+                 "--max-length", "128", "--layers", "1,3", "--storage-dtype", "bf16", "--out", str(out)]) == 0
+    tokenized, _ = tokenize_examples(load_examples(builtin_path("benign")), loaded.tokenizer, 128)
+    cache = _load(out, loaded, ds, tokenized, max_length=128, layers=[1, 3])
+    assert len(cache) == len(tokenized) and cache.header["storage_dtype"] == "bf16"
