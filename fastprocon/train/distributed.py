@@ -1,0 +1,117 @@
+"""Process group, FSDP2 sharding and activation checkpointing.
+
+One code path for every launch: under ``torchrun`` the usual env:// group (gloo on CPU, nccl on
+CUDA); as a plain single process, a 1-rank gloo group over an in-process store (no port, no
+launcher). The model is always FSDP2-sharded, so checkpoints have the same (resharding) format
+whatever the process count.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool          # this context created the process group (and destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join (or create) the default process group and pick this process's device.
+
+    ``device``: "auto" (cuda when available), "cpu" or "cuda". Under torchrun each process takes
+    cuda:LOCAL_RANK.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("config model.device = 'cuda' but CUDA is not available")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=dev if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        owns = True
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+
+
+def shutdown(ctx: DistContext, *, clean: bool = True) -> None:
+    """Destroy the group if this context made it; after a barrier when ``clean`` (the barrier
+    avoids teardown aborts), without one after an error (other processes may never reach it)."""
+    if ctx.owns_group and dist.is_initialized():
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over all processes (a no-op copy on one process); returns ``tensor``."""
+    if dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every process."""
+    box = [obj]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
+    """Wrap each decoder layer in a (non-reentrant) checkpoint wrapper, in place.
+
+    Forward pre-hooks installed on the wrappers afterwards run outside the recomputed region.
+    State-dict keys are unchanged (the wrapper strips its prefix).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i in range(len(layers)):
+        layers[i] = checkpoint_wrapper(layers[i])
+
+
+def mixed_precision_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """Compute dtype for FSDP's MixedPrecisionPolicy: bf16 ("auto" on CUDA, or asked), else None (fp32)."""
+    if setting == "bf16" or (setting == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def shard_model(model: nn.Module, layers: nn.ModuleList, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (torchtitan's layout).
+
+    With ``param_dtype`` (bf16) parameters are gathered and computed in it while gradients
+    are reduced in fp32 and the sharded master weights stay fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)

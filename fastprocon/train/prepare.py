@@ -1,0 +1,112 @@
+"""What a run needs before its first step: the model, the tokenized data, the refusal directions
+and the reference projections z0, each loaded and checked, or made when absent.
+
+Everything here runs on the unwrapped model (before LoRA, activation checkpointing and FSDP),
+on every process; files are written by rank 0 (directions) or by all ranks together (the
+reference cache), then read and checked by all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fastprocon.data import (TokenizedExample, dataset_hash, load_examples, load_instructions, mix_examples,
+                             resolve_data_path, tokenize_examples)
+from fastprocon.directions import (DirectionSet, directions_hash, extract_directions, load_directions_for,
+                                   save_directions)
+from fastprocon.models import LoadedModel
+from fastprocon.reference import ReferenceCache, parse_layers
+from fastprocon.train.config import Config
+from fastprocon.train.distributed import DistContext, barrier, broadcast_object
+
+
+@dataclass
+class TrainingData:
+    examples: list[TokenizedExample]
+    hash: str
+    n_primary: int          # examples from data.train
+    n_safety: int           # safety examples mixed in
+    n_truncated: int        # examples cut at data.max_length
+
+
+@dataclass
+class ProConInputs:
+    directions: DirectionSet
+    directions_path: Path
+    layers: list[int]                     # constrained layers, ascending (rows of z0)
+    reference: ReferenceCache | None      # None when z0 comes from the model with adapters off
+    reference_path: Path | None
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.run_dir) if cfg.train.run_dir else Path("runs") / cfg.train.name
+
+
+def load_training_data(cfg: Config, tokenizer) -> TrainingData:
+    """data.train (+ data.safety_samples from data.safety, mixed by the seed), tokenized."""
+    d = cfg.data
+    primary = load_examples(resolve_data_path(d.train), skip_bad_rows=d.skip_bad_rows)
+    examples = primary
+    if d.safety_samples > 0:
+        safety = load_examples(resolve_data_path(d.safety), skip_bad_rows=d.skip_bad_rows)
+        if d.safety_samples > len(safety):
+            raise ValueError(f"config data.safety_samples = {d.safety_samples} but {d.safety} has only "
+                             f"{len(safety)} examples")
+        examples = mix_examples(primary, safety, d.safety_samples, cfg.train.seed)
+    tokenized, n_truncated = tokenize_examples(examples, tokenizer, d.max_length)
+    return TrainingData(tokenized, dataset_hash(tokenized), len(primary), d.safety_samples, n_truncated)
+
+
+def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir: Path, ctx: DistContext,
+                   say: Callable[[str], None]) -> ProConInputs:
+    """Directions and reference cache for this model and data: loaded and checked when their
+    files exist, else made (and saved) first."""
+    p = cfg.procon
+    directions_path = Path(p.directions) if p.directions else run_dir / "directions.safetensors"
+    # rank 0 decides for everyone: a rank that looked later could see rank 0's new file
+    if broadcast_object(not directions_path.exists()):
+        if ctx.is_main:
+            say(f"making refusal directions -> {directions_path}")
+            harmful = load_instructions(resolve_data_path(p.harmful))
+            harmless = load_instructions(resolve_data_path(p.harmless))
+            ds = extract_directions(loaded, harmful, harmless, p.direction_batch_size,
+                                    sources={"harmful": p.harmful, "harmless": p.harmless}, progress=True)
+            save_directions(ds, directions_path)
+        barrier()
+    else:
+        say(f"using refusal directions {directions_path}")
+    directions = load_directions_for(loaded, directions_path)
+    spec = p.layers if isinstance(p.layers, str) else ",".join(str(l) for l in p.layers)
+    layers = parse_layers(spec, directions)
+
+    if p.reference == "adapters_off":
+        return ProConInputs(directions, directions_path, layers, None, None)
+    reference_path = Path(p.reference_cache) if p.reference_cache else run_dir / "reference.safetensors"
+    if broadcast_object(not reference_path.exists()):
+        say(f"recording reference projections z0 -> {reference_path}")
+        ReferenceCache.build(loaded, directions, data.examples, layers, cfg.data.max_length, reference_path,
+                             storage_dtype=p.reference_dtype, progress=ctx.is_main)
+    else:
+        say(f"using reference projections {reference_path}")
+    reference = ReferenceCache.load(reference_path, model_fingerprint=loaded.fingerprint,
+                                    directions_hash=directions_hash(directions), dataset_hash=data.hash,
+                                    max_length=cfg.data.max_length, layers=layers)
+    return ProConInputs(directions, directions_path, layers, reference, reference_path)
+
+
+def apply_lora(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters on q/k/v/o (base weights frozen). Needs ``peft``."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ModuleNotFoundError("config model.lora = true needs the peft package: pip install peft") from err
+    m = cfg.model
+    config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    # the same seed on every rank: each process initialises the full adapters before sharding
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return get_peft_model(model, config)

@@ -1,0 +1,328 @@
+"""The training loop: FSDP2, ProCon at the decoder-layer inputs, checkpoints, metrics, export.
+
+One optimizer step (see :meth:`Trainer.accumulate_gradients` and :meth:`Trainer.step`):
+for each of this rank's micro-batches, arm the ProCon hooks (when alpha > 0) with the
+response mask, z0 and scale = alpha * world / divisor, run the model, CE sum * world / global
+prediction count, backward; then clip, AdamW, LR schedule. The global counts are computed on
+the host from the step's sample indices (every rank knows the whole batch plan), so a step
+has no collective besides FSDP's own and no host sync; values reach the host only at logging
+intervals and checkpoints, where non-finite losses or gradient norms stop the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+from tqdm.auto import tqdm
+
+from fastprocon.data import IGNORE_INDEX
+from fastprocon.hooks import ProConHooks, stack_recorded
+from fastprocon.models import decoder_layers, hidden_size, load_model, num_layers
+from fastprocon.plots import write_json
+from fastprocon.train import distributed as D
+from fastprocon.train.batches import StepBatches
+from fastprocon.train.checkpoint import CheckpointManager, full_model_state_dict
+from fastprocon.train.config import Config, to_toml
+from fastprocon.train.export import export_model
+from fastprocon.train.loss import ce_sum, example_counts, procon_scale, shift_labels
+from fastprocon.train.metrics import (MetricsLog, count_params, flops_per_token, peak_flops, peak_memory_gib,
+                                      reset_peak_memory)
+from fastprocon.train.prepare import apply_lora, load_training_data, prepare_procon, run_dir_of
+from fastprocon.train.schedule import AlphaSchedule, WarmupCosine
+
+_NO_BAD_STEP = 2**62
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient norm became NaN/inf; the message names the first such step."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int           # step the run resumed from (0 = fresh)
+    final_step: int
+    checkpoint: Path | None
+    export_dir: Path | None
+    seconds: float
+    metrics: list[dict]       # the metric records written by this invocation
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` on an initialised process group (see
+    :func:`train`), then :meth:`fit` runs the loop."""
+
+    def __init__(self, cfg: Config, ctx: D.DistContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = run_dir_of(cfg)
+        self.say(f"run directory {self.run_dir} ({ctx.world_size} process(es) on {ctx.device.type})")
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        D.barrier()
+        torch.manual_seed(cfg.train.seed)
+
+        loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device)
+        self.model_name = loaded.name
+        self.data = load_training_data(cfg, loaded.tokenizer)
+        self.say(f"model {loaded.name}: {num_layers(loaded.model)} layers, hidden {hidden_size(loaded.model)}; "
+                 f"data: {len(self.data.examples)} examples ({self.data.n_primary} from {cfg.data.train}"
+                 f" + {self.data.n_safety} safety), {self.data.n_truncated} cut at {cfg.data.max_length} tokens")
+        self.batches = StepBatches(self.data.examples, batch_size=cfg.train.batch_size,
+                                   micro_batch_size=cfg.train.micro_batch_size, world_size=ctx.world_size,
+                                   rank=ctx.rank, seed=cfg.train.seed, pad_id=loaded.tokenizer.pad_token_id)
+        spe = self.batches.steps_per_epoch
+        self.max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * spe))
+        self.alpha = AlphaSchedule(cfg.procon, spe)
+        procon_used = any(self.alpha(s) > 0 for s in range(self.max_steps))
+        self.procon = prepare_procon(cfg, loaded, self.data, self.run_dir, ctx, self.say) if procon_used else None
+
+        model = apply_lora(cfg, loaded.model) if cfg.model.lora else loaded.model
+        model.train()
+        layers = decoder_layers(model)
+        if cfg.model.activation_checkpointing:
+            D.apply_activation_checkpointing(layers)
+        D.shard_model(model, layers, D.mixed_precision_dtype(cfg.model.mixed_precision, ctx.device))
+        self.model = model
+        self.hooks = None
+        if self.procon is not None:
+            rows = self.procon.directions.directions[self.procon.layers].to(ctx.device)
+            p = cfg.procon
+            self.hooks = ProConHooks(model, self.procon.layers, rows, norm=p.norm, delta=p.delta, backend=p.backend)
+
+        params = [q for q in model.parameters() if q.requires_grad]
+        o = cfg.optim
+        fused = ctx.device.type in _get_fused_kernels_supported_devices()
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(o.lr_warmup_steps, self.max_steps, o.min_lr_ratio))
+        self.params = params
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_checkpoints)
+        self.metrics = MetricsLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)
+        if self.metrics.tensorboard_note:
+            self.say(self.metrics.tensorboard_note)
+        n_params = count_params(model)
+        self._flops_base = (n_params, num_layers(model), hidden_size(model))
+        self._peak_flops = peak_flops(ctx.device)
+        # per-example counts for the host-side global normalisers
+        self._n_pred, self._n_resp = zip(*map(example_counts, self.data.examples))
+        self._n_tok = [len(ex.input_ids) for ex in self.data.examples]
+        self.say(f"{n_params / 1e6:.1f}M parameters ({sum(q.numel() for q in params) / 1e6:.2f}M trained"
+                 f"{', LoRA' if cfg.model.lora else ''}); {self.max_steps} steps of {cfg.train.batch_size} samples "
+                 f"({ctx.world_size} x {self.batches.grad_accum} micro-batches of {cfg.train.micro_batch_size}); "
+                 f"{self.alpha.describe()}")
+        self._reset_interval()
+
+    def say(self, message: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(f"[fastprocon train] {message}")
+
+    # -- one optimizer step ----------------------------------------------------------------------
+
+    def accumulate_gradients(self, step: int) -> None:
+        """Forward and backward of this rank's micro-batches of optimizer step ``step`` (0-based),
+        adding into the parameters' gradients; accumulates logged sums on the device."""
+        cfg, dev, world = self.cfg, self.ctx.device, self.ctx.world_size
+        idx = self.batches.global_indices(step)
+        n_pred = sum(self._n_pred[i] for i in idx)
+        alpha = self.alpha(step)
+        scale = None
+        if alpha > 0:
+            value = procon_scale(alpha, cfg.procon.reduction, world, len(idx), sum(self._n_resp[i] for i in idx))
+            scale = torch.full((), value, dtype=torch.float32, device=dev)   # a fill: no host-device copy
+            self._procon_samples += len(idx)
+        for mb in self.batches.micro_batches(step):
+            input_ids, attention_mask, labels = (to_device(mb[key], dev)
+                                                 for key in ("input_ids", "attention_mask", "labels"))
+            if scale is not None:
+                self.hooks.arm(labels != IGNORE_INDEX, self._z0(mb, input_ids, attention_mask), scale)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            ce = ce_sum(logits, shift_labels(labels))
+            (ce * (world / max(n_pred, 1))).backward()
+            if scale is not None:
+                self.hooks.disarm()
+            self._acc[0] += ce.detach()
+        if scale is not None:
+            self._acc[1] += self.hooks.take_penalty() / scale
+        self._n_pred_acc += n_pred
+        self._n_tok_acc += sum(self._n_tok[i] for i in idx)
+        self._seq_acc += sum(self._n_tok[i] for i in idx) / len(idx)
+
+    def _z0(self, mb: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[n_layers, B, T] reference projections of a micro-batch: from the cache, or from this
+        model with its LoRA adapters off (the initial model)."""
+        if self.procon.reference is not None:
+            return to_device(self.procon.reference.gather(mb["ids"], mb["labels"]), self.ctx.device)
+        with torch.no_grad(), self.model.disable_adapter(), self.hooks.recording() as recorded:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        return stack_recorded(recorded)
+
+    def step(self, step: int) -> None:
+        """One optimizer step (0-based index ``step``)."""
+        self.accumulate_gradients(step)
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self._norm_acc += norm
+        bad = ~(torch.isfinite(norm) & torch.isfinite(self._acc[0]) & torch.isfinite(self._acc[1]))
+        self._first_bad = torch.where(bad & (self._first_bad == _NO_BAD_STEP),
+                                      torch.full_like(self._first_bad, step + 1), self._first_bad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._steps_acc += 1
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def _reset_interval(self) -> None:
+        dev = self.ctx.device
+        self._acc = torch.zeros(2, dtype=torch.float32, device=dev)    # this rank's CE sum, ProCon sum
+        self._norm_acc = torch.zeros((), dtype=torch.float32, device=dev)   # global grad norm, summed over steps
+        self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+        self._n_pred_acc = self._n_tok_acc = self._procon_samples = self._steps_acc = 0
+        self._seq_acc = 0.0
+        self._t0 = time.perf_counter()
+        reset_peak_memory(dev)
+
+    def flush_metrics(self, step: int) -> dict | None:
+        """Host sync: reduce the interval's sums over ranks, stop on a non-finite value, write a
+        metrics line (step = optimizer steps done)."""
+        if self._steps_acc == 0:
+            return None
+        sums = D.all_reduce_sum(self._acc.clone())
+        first_bad = self._first_bad.clone()
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+        sums, first_bad, norm_sum = sums.tolist(), int(first_bad), float(self._norm_acc)
+        seconds = time.perf_counter() - self._t0
+        if first_bad != _NO_BAD_STEP:
+            latest = self.ckpt.latest()
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {first_bad}: stopping. The last good "
+                                 f"checkpoint is {latest if latest else '(none yet)'}")
+        n = self._steps_acc
+        tokens_per_s = self._n_tok_acc / seconds
+        record = {
+            "step": step,
+            "ce": sums[0] / max(self._n_pred_acc, 1),
+            "procon": sums[1] / self._procon_samples if self._procon_samples else None,
+            "alpha": self.alpha(step - 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": norm_sum / n,
+            "tokens_per_s": tokens_per_s,
+            "mfu": None,
+            **peak_memory_gib(self.ctx.device),
+        }
+        if self._peak_flops is not None:
+            flops = flops_per_token(*self._flops_base, self._seq_acc / n)
+            record["mfu"] = tokens_per_s / self.ctx.world_size * flops / self._peak_flops
+        self.metrics.write(record)
+        self._reset_interval()
+        return record
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _trainer_state(self, step: int) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "data": {
+            **self.batches.position(step), "dataset_hash": self.data.hash, "batch_size": self.cfg.train.batch_size,
+            "seed": self.cfg.train.seed}, "model": self.model_name}
+
+    def _resume(self) -> int:
+        removed = self.ckpt.clean_partial()
+        if removed:
+            self.say(f"removed incomplete checkpoint(s) {', '.join(removed)} left by an interrupted save")
+        choice = self.cfg.checkpoint.resume
+        path = None if choice == "never" else self.ckpt.latest() if choice == "auto" else Path(choice)
+        path = D.broadcast_object(path)   # rank 0's view, so every rank loads the same checkpoint
+        if path is None:
+            self.metrics.truncate_after(0)
+            return 0
+        state = self.ckpt.load(path, self.model, self.optimizer)
+        data = state["data"]
+        for key, now in (("dataset_hash", self.data.hash), ("batch_size", self.cfg.train.batch_size),
+                         ("seed", self.cfg.train.seed)):
+            if data.get(key) != now:
+                raise ValueError(f"cannot resume from {path}: it was trained with {key} = {data.get(key)!r}, this "
+                                 f"config gives {now!r} (the data order would differ); use checkpoint.resume = 'never' "
+                                 "or another run directory")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.metrics.truncate_after(state["step"])
+        self.say(f"resumed from {path} at step {state['step']} (saved by {state['world_size']} process(es))")
+        return state["step"]
+
+    def fit(self) -> TrainResult:
+        cfg, t_start = self.cfg, time.perf_counter()
+        start = self._resume()
+        written = []
+        every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
+        hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()
+        with hooks, tqdm(total=self.max_steps, initial=start, desc="train", unit="step",
+                         disable=not self.ctx.is_main) as bar:
+            self._reset_interval()
+            for s in range(start, self.max_steps):
+                self.step(s)
+                done = s + 1
+                bar.update(1)
+                checkpoint_now = (every and done % every == 0) or done == self.max_steps
+                if done % log_every == 0 or checkpoint_now:
+                    record = self.flush_metrics(done)
+                    written.append(record)
+                    bar.set_postfix(ce=f"{record['ce']:.3f}", refresh=False)
+                if checkpoint_now:
+                    self.ckpt.save(done, self.model, self.optimizer, self._trainer_state(done))
+        latest = self.ckpt.latest()
+        export_dir = self.export() if cfg.checkpoint.export else None
+        self.metrics.close()
+        return TrainResult(self.run_dir, start, self.max_steps, latest, export_dir,
+                           time.perf_counter() - t_start, written)
+
+    def export(self) -> Path:
+        full = full_model_state_dict(self.model)   # collective
+        out = self.run_dir / "model"
+        if self.ctx.is_main:
+            path = self.procon.directions_path if self.procon is not None else None
+            export_model(self.cfg, full, out, path)
+        D.barrier()
+        return out
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run training for ``cfg`` (single process, or under torchrun). Writes the run directory:
+    config.toml, metrics.jsonl, checkpoints/, model/ (the export), summary.json."""
+    ctx = D.init_distributed(cfg.model.device)
+    try:
+        trainer = Trainer(cfg, ctx)
+        result = trainer.fit()
+        if ctx.is_main:
+            write_json(result.run_dir / "summary.json", summary_of(result, trainer))
+    except BaseException:
+        D.shutdown(ctx, clean=False)   # no barrier: the other processes may be stuck elsewhere
+        raise
+    D.shutdown(ctx)
+    return result
+
+
+def summary_of(result: TrainResult, trainer: Trainer) -> dict:
+    first = next((r for r in result.metrics if r), None)
+    last = result.metrics[-1] if result.metrics else None
+    return {"run_dir": str(result.run_dir), "model": trainer.model_name, "processes": trainer.ctx.world_size,
+            "device": trainer.ctx.device.type, "start_step": result.start_step, "final_step": result.final_step,
+            "seconds": round(result.seconds, 2), "examples": len(trainer.data.examples),
+            "schedule": trainer.alpha.describe(),
+            "constrained_layers": trainer.procon.layers if trainer.procon else [],
+            "first_ce": first["ce"] if first else None, "last_ce": last["ce"] if last else None,
+            "last_procon": last["procon"] if last else None,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "export_dir": str(result.export_dir) if result.export_dir else None}

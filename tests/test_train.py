@@ -1,0 +1,232 @@
+"""The trainer on the tiny model, single process: a CLI run and its run directory, ProCon's effect
+(measured), the warm-up switch, kill-and-resume equality, interrupted checkpoint writes,
+non-finite stops, LoRA with adapters-off references, activation checkpointing, and the errors
+for mismatched directions, reference caches, checkpoints and data."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import fastprocon.hooks as hooks_module
+import fastprocon.train.checkpoint as checkpoint_module
+from fastprocon.cli import main
+from fastprocon.directions import load_directions, save_directions
+from fastprocon.models import load_model
+from fastprocon.reference import ReferenceCache, compute_projections
+from fastprocon.train import NonFiniteError, Trainer, load_config, train
+from fastprocon.train.config import to_toml
+from fastprocon.train.metrics import read_metrics
+from fastprocon.train.prepare import load_training_data
+
+COMPARED = ("step", "ce", "procon", "alpha", "lr", "grad_norm")
+
+
+def overrides(run_dir, *extra, assets=None):
+    items = [f"run_dir={run_dir}", "max_steps=8", "log_every=1", "checkpoint_every=4", "export=false"]
+    if assets is not None:
+        items += [f"procon.directions={assets / 'directions.safetensors'}",
+                  f"procon.reference_cache={assets / 'reference.safetensors'}"]
+    return items + list(extra)
+
+
+def run(run_dir, *extra, assets=None):
+    return train(load_config("tiny", overrides(run_dir, *extra, assets=assets)))
+
+
+def compared(records):
+    return [{k: r[k] for k in COMPARED} for r in records]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """The reference run, through the CLI: 8 steps of ProCon_s on tiny, checkpoints at 4 and 8."""
+    run_dir = tmp_path_factory.mktemp("base")
+    argv = ["train", "--config", "tiny", *overrides(run_dir, "export=true")]
+    assert main(argv) == 0
+    return run_dir
+
+
+def test_cli_run_leaves_a_complete_run_directory(base_run, capsys):
+    cfg = load_config(str(base_run / "config.toml"))
+    assert to_toml(cfg) == (base_run / "config.toml").read_text() and cfg.train.max_steps == 8
+    records = read_metrics(base_run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert r["alpha"] == 0.2 and r["procon"] >= 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+        assert r["lr"] > 0 and r["peak_rss_gib"] > 0 and r["mfu"] is None
+    assert records[-1]["ce"] < records[0]["ce"] - 0.2, [r["ce"] for r in records]   # loss decreases
+    ckpts = base_run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000008"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000004", "step_000008"]
+    state = json.loads((ckpts / "step_000008" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["world_size"] == 1 and state["data"]["epoch"] == 1
+    summary = json.loads((base_run / "summary.json").read_text())
+    assert summary["final_step"] == 8 and summary["constrained_layers"] == [1, 2, 3]
+
+    from transformers import AutoModelForCausalLM
+    exported = AutoModelForCausalLM.from_pretrained(base_run / "model")
+    initial = load_model("tiny").model
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()   # tied
+    assert not torch.equal(exported.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
+    copied = load_directions(base_run / "model" / "directions.safetensors")
+    assert torch.equal(copied.directions, load_directions(base_run / "directions.safetensors").directions)
+    assert load_model(str(base_run / "model")).tokenizer.chat_template
+
+
+def projection_drift(model_dir, assets) -> float:
+    """Mean |z - z0| over response tokens and constrained layers of the training data."""
+    loaded = load_model(str(model_dir))
+    cache = ReferenceCache.load(assets / "reference.safetensors", model_fingerprint=None,
+                                       directions_hash=None, dataset_hash=None, max_length=None, layers=None)
+    data = load_training_data(load_config("tiny"), loaded.tokenizer)
+    directions = load_directions(assets / "directions.safetensors")
+    ids, pieces = compute_projections(loaded, directions, data.examples, cache.layers, batch_size=16)
+    labels = {ex.id: torch.tensor(ex.labels)[None] for ex in data.examples}
+    total = count = 0.0
+    for sample_id, z in zip(ids, pieces):
+        lab = labels[sample_id]
+        z0 = cache.gather([sample_id], lab)[:, 0, lab[0] != -100]
+        total += (z - z0).abs().sum().item()
+        count += z.numel()
+    return total / count
+
+
+def test_procon_keeps_projections_closer_to_z0(base_run, tmp_path):
+    drift = {}
+    for name, extra in (("off", "schedule=off"), ("procon", "alpha=2.0")):
+        result = run(tmp_path / name, extra, "export=true", "checkpoint_every=0", assets=base_run)
+        drift[name] = projection_drift(result.export_dir, base_run)
+    assert drift["procon"] < 0.5 * drift["off"], drift
+
+
+def test_warmup_switches_the_penalty_off(base_run, tmp_path, monkeypatch, capsys):
+    calls = []
+    original = hooks_module.anchor_projection
+    monkeypatch.setattr(hooks_module, "anchor_projection", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run(tmp_path, "max_steps=4", "schedule=warmup", "alpha=1.0", "alpha_warmup_steps=2", "reduction=token",
+        "tensorboard=true", assets=base_run)
+    records = read_metrics(tmp_path)
+    assert [r["alpha"] for r in records] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["procon"] is None for r in records] == [False, False, True, True]
+    assert len(calls) == 2 * 2 * 3   # 2 warm-up steps x 2 micro-batches x 3 layers, none afterwards
+    if importlib.util.find_spec("tensorboard") is None:   # optional: a note, and the run goes on
+        assert "tensorboard is not installed" in capsys.readouterr().out
+    else:
+        assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
+    original = Trainer.step
+
+    def crash_at_step_6(self, step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "step", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, assets=base_run)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+    result = run(tmp_path, assets=base_run)
+    assert result.start_step == 4
+    assert compared(read_metrics(tmp_path)) == compared(read_metrics(base_run))   # bitwise equal on CPU fp32
+
+
+@pytest.mark.parametrize("crash_point", ["before_rename", "before_latest"])
+def test_interrupted_checkpoint_write_does_not_break_resume(base_run, tmp_path, monkeypatch, crash_point):
+    saves = []
+    original_fsync, original_atomic = checkpoint_module._fsync_dir, checkpoint_module.atomic_path
+
+    def fsync_dir(path):   # called on the temp dir right before the rename
+        if crash_point == "before_rename" and path.name.startswith(".tmp-step_000008"):
+            raise KeyboardInterrupt("killed before the rename")
+        return original_fsync(path)
+
+    def atomic_path(path):   # the `latest` pointer update, after the rename
+        saves.append(path)
+        if crash_point == "before_latest" and len(saves) == 2:
+            raise KeyboardInterrupt("killed before updating latest")
+        return original_atomic(path)
+
+    monkeypatch.setattr(checkpoint_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(checkpoint_module, "atomic_path", atomic_path)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, assets=base_run)
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000004"
+    leftover = ".tmp-step_000008" if crash_point == "before_rename" else "step_000008"
+    assert (ckpts / leftover).is_dir()
+    monkeypatch.undo()
+    result = run(tmp_path, assets=base_run)
+    assert result.start_step == 4
+    assert (ckpts / "latest").read_text().strip() == "step_000008"
+    assert not list(ckpts.glob(".tmp-*"))
+    assert compared(read_metrics(tmp_path)) == compared(read_metrics(base_run))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    argv = ["train", "--config", "tiny", *overrides(tmp_path, "schedule=off", "lr=1e30", "checkpoint_every=1",
+                                                       "grad_clip=0")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient norm at step 2" in err and "step_000001" in err
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    with pytest.raises(NonFiniteError, match="at step 2"):
+        run(tmp_path, "schedule=off", "lr=1e30", "checkpoint_every=1", "grad_clip=0")
+
+
+def test_activation_checkpointing_gives_the_same_steps(base_run, tmp_path):
+    run(tmp_path, "activation_checkpointing=true", "max_steps=2", assets=base_run)
+    got, want = read_metrics(tmp_path), read_metrics(base_run)[:2]
+    for g, w in zip(got, want):
+        for key in ("ce", "procon", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
+
+
+def test_lora_with_adapters_off_reference(tmp_path):
+    result = run(tmp_path, "model.lora=true", "lora_rank=4", "reference=adapters_off", "max_steps=3", "lr=1e-2",
+                 "export=true", "activation_checkpointing=true")
+    records = read_metrics(tmp_path)
+    assert records[0]["procon"] < 1e-4 < records[-1]["procon"]   # z starts at z0 (adapters start at zero)
+    assert not (tmp_path / "reference.safetensors").exists()
+    merged = load_model(str(result.export_dir)).model
+    initial = load_model("tiny").model
+    trained, frozen = merged.model.layers[1], initial.model.layers[1]
+    assert not torch.equal(trained.self_attn.q_proj.weight, frozen.self_attn.q_proj.weight)   # LoRA merged
+    assert torch.equal(trained.mlp.up_proj.weight, frozen.mlp.up_proj.weight)                 # not adapted
+
+
+def test_directions_from_another_model_are_refused(base_run, tmp_path):
+    other = load_directions(base_run / "directions.safetensors")
+    other.metadata["fingerprint"] = "0" * 64
+    save_directions(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="directions were extracted from another model"):
+        run(tmp_path / "run", f"procon.directions={tmp_path / 'other.safetensors'}")
+
+
+def test_reference_cache_for_other_data_is_refused(base_run, tmp_path):
+    with pytest.raises(ValueError, match="reference cache .* does not match: dataset_hash"):
+        run(tmp_path, "max_length=100", assets=base_run)
+
+
+def test_resume_with_another_batch_plan_is_refused(base_run, tmp_path):
+    with pytest.raises(ValueError, match="cannot resume .* batch_size = 8, this config gives 4"):
+        run(tmp_path, f"resume={base_run / 'checkpoints' / 'step_000004'}", "batch_size=4", assets=base_run)
+
+
+def test_data_problems_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: missing field 'output'"):
+        run(tmp_path / "a", f"data.train={bad}", "schedule=off")
+    with pytest.raises(ValueError, match="safety_samples = 99 but safety has only 32"):
+        run(tmp_path / "b", "safety_samples=99", "schedule=off")
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"instruction": "hi", "output": "hello"}\n')
+    with pytest.raises(ValueError, match="has 17 examples, fewer than one batch.*batch_size = 32"):
+        run(tmp_path / "c", f"data.train={small}", "batch_size=32", "schedule=off")
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        run(tmp_path / "d", f"data.train={tmp_path / 'nope.json'}", "schedule=off")

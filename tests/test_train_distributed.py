@@ -1,0 +1,128 @@
+"""The trainer under torchrun: 2 processes with FSDP2 on gloo through the CLI, resuming that run
+on 1 process (DCP resharding), and gradients that do not depend on the process count or the
+micro-batch split (1 process x 2 micro-batches == 2 processes x 1 micro-batch).
+
+Run as a script (under torchrun) this file is the gradient worker of the invariance test.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # a session of its own, so a timeout ends the workers too, not only the launcher
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out:\n{out[-3000:]}\n{err[-6000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}\n{err[-6000:]}"
+    return out
+
+
+def overrides(run_dir, *extra):
+    return [f"run_dir={run_dir}", "max_steps=8", "log_every=1", "checkpoint_every=4", *extra]
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fsdp2")
+    out = torchrun("-m", "fastprocon.cli", "train", "--config", "tiny", *overrides(run_dir, "export=true"))
+    assert "exported model" in out
+    return run_dir
+
+
+def test_two_process_fsdp2_run_through_the_cli(two_proc_run):
+    from fastprocon.models import load_model
+    from fastprocon.train.metrics import read_metrics
+
+    records = read_metrics(two_proc_run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["ce"] < records[0]["ce"] - 0.2, [r["ce"] for r in records]
+    ckpt = two_proc_run / "checkpoints" / "step_000008"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    assert load_model(str(two_proc_run / "model")).model.config.num_hidden_layers == 4
+
+
+def test_resume_on_one_process_from_a_two_process_checkpoint(two_proc_run, tmp_path):
+    from fastprocon.train import load_config, train
+    from fastprocon.train.metrics import read_metrics
+
+    result = train(load_config("tiny", overrides(
+        tmp_path, "export=false", f"resume={two_proc_run / 'checkpoints' / 'step_000004'}",
+        f"procon.directions={two_proc_run / 'directions.safetensors'}",
+        f"procon.reference_cache={two_proc_run / 'reference.safetensors'}")))
+    assert result.start_step == 4
+    got, want = read_metrics(tmp_path), read_metrics(two_proc_run)[4:]
+    assert [r["step"] for r in got] == [5, 6, 7, 8]
+    for g, w in zip(got, want):
+        assert g["lr"] == pytest.approx(w["lr"], rel=1e-12)
+        for key in ("ce", "procon"):
+            assert g[key] == pytest.approx(w[key], rel=1e-3), (key, g["step"])
+
+
+GRAD_OVERRIDES = ["schedule=constant", "alpha=1.0", "norm=l2sq", "micro_batch_size=4", "batch_size=8",
+                  "export=false", "resume=never"]
+
+
+def gradient_worker(out: str, run_dir: str, assets: str) -> None:
+    """One optimizer step, then the gradients of the second step (full tensors) -> ``out``."""
+    from fastprocon.train import Trainer, load_config
+    from fastprocon.train import distributed as D
+
+    cfg = load_config("tiny", [f"run_dir={run_dir}", f"procon.directions={assets}/directions.safetensors",
+                               f"procon.reference_cache={assets}/reference.safetensors", *GRAD_OVERRIDES])
+    ctx = D.init_distributed("cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        with trainer.hooks.installed():
+            trainer.step(0)
+            trainer._reset_interval()
+            trainer.accumulate_gradients(1)
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for n, p in trainer.model.named_parameters()}
+        sums = D.all_reduce_sum(trainer._acc.clone())
+        if ctx.is_main:
+            torch.save({"grads": grads, "sums": sums, "accum": trainer.batches.grad_accum}, out)
+    finally:
+        D.shutdown(ctx)
+
+
+def test_gradients_do_not_depend_on_process_count_or_micro_batches(two_proc_run, tmp_path):
+    gradient_worker(str(tmp_path / "one.pt"), str(tmp_path / "one"), str(two_proc_run))
+    torchrun(__file__, tmp_path / "two.pt", tmp_path / "two", two_proc_run)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["accum"], two["accum"]) == (2, 1)
+    torch.testing.assert_close(one["sums"], two["sums"], rtol=1e-5, atol=0)   # CE sum, ProCon sum
+    assert one["sums"][1] > 0
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, g1 in one["grads"].items():
+        g2 = two["grads"][name]
+        assert (g1 - g2).norm() <= 1e-4 * g1.norm() + 1e-8, name
+
+
+if __name__ == "__main__":
+    gradient_worker(*sys.argv[1:4])
