@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One prepared check for a CUDA machine, runnable again unchanged whenever a GPU is available:
+#   1. the kernel tests on CUDA with compiled Triton (benchmarks/gpu_tests.py; the interpreter is
+#      off) and the API error tests (tests/test_penalty_errors.py);
+#   2. bench_penalty.py at GPU sizes; 3. bench_train.py on random-init Llama-3 shapes (bf16);
+#   4. figures and README_perf.md (report.py); a short summary is printed last.
+# Output, in $OUT (default benchmarks/results/): penalty_<card>.csv, train_<card>.csv, their two
+# PNGs, README_perf.md and gpu_check.log: six files. Installs and downloads nothing (needs torch,
+# triton, transformers, tqdm; pytest for the tests, matplotlib for the figures) and needs no
+# model weights. Each stage has a time limit; together they stay under 8 minutes on one H100.
+#     bash benchmarks/gpu_check.sh             # or: OUT=/some/dir PYTHON=python3 bash benchmarks/gpu_check.sh
+# FASTPROCON_GPU_CHECK_SMOKE=1 runs the same stages at toy sizes, also without a GPU (to test this script).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/benchmarks/results}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu_check.log"
+PY=${PYTHON:-python}
+SMOKE=${FASTPROCON_GPU_CHECK_SMOKE:-0}
+: > "$LOG"
+unset TRITON_INTERPRET
+export TQDM_DISABLE=1            # progress bars would flood the log
+
+# fastprocon without installing it: setup.py maps kernels/ to fastprocon.kernels, so build that
+# layout from symlinks in a scratch directory and run everything from there (first on sys.path).
+SHADOW=$(mktemp -d)
+trap 'rm -rf "$SHADOW"' EXIT
+mkdir "$SHADOW/fastprocon"
+for f in "$REPO"/fastprocon/*; do ln -s "$f" "$SHADOW/fastprocon/"; done
+ln -s "$REPO/kernels" "$SHADOW/fastprocon/kernels"
+export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
+cd "$SHADOW"
+
+NAMES=()
+declare -A STATUS
+stage() {   # stage NAME SECONDS COMMAND...: run under a time limit, log it, record how it ended
+  local name=$1 limit=$2 t0=$SECONDS; shift 2
+  NAMES+=("$name")
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  case $rc in
+    0) STATUS[$name]="ok" ;;
+    124|130|137) STATUS[$name]="TIMED OUT (limit ${limit} s)" ;;
+    *) STATUS[$name]="FAILED (exit $rc)" ;;
+  esac
+  echo "=== $name: ${STATUS[$name]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+skip() { NAMES+=("$1"); STATUS[$1]="SKIPPED: $2"; echo "=== $1: ${STATUS[$1]}" | tee -a "$LOG"; }
+
+ENV_REPORT=$("$PY" - "$REPO" <<'EOF'
+import importlib.util, sys
+import torch, triton, transformers
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+import harness
+cuda = torch.cuda.is_available()
+print(f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}; "
+      f"device: {torch.cuda.get_device_name() if cuda else 'no CUDA'}")
+missing = [m for m in ("pytest", "matplotlib") if importlib.util.find_spec(m) is None]
+print("missing:", " ".join(missing) or "nothing")
+print("TAG", harness.device_tag(harness.resolve_device("auto")))
+EOF
+)
+echo "$ENV_REPORT" | tee -a "$LOG"
+TAG=$(echo "$ENV_REPORT" | sed -n 's/^TAG //p')
+if [ -z "$TAG" ]; then echo "cannot import torch/triton/transformers with $PY" | tee -a "$LOG"; exit 1; fi
+if [ "$TAG" = cpu ] && [ "$SMOKE" != 1 ]; then
+  echo "no CUDA device: this script measures a GPU (FASTPROCON_GPU_CHECK_SMOKE=1 runs it at toy sizes)" | tee -a "$LOG"
+  exit 1
+fi
+if [ "$SMOKE" = 1 ]; then
+  PENALTY_ARGS=(--preset smoke --time-budget-s 60)
+  TRAIN_ARGS=(--models tiny --batch 2 --seq 32 --warmup 1 --rounds 2)
+else
+  PENALTY_ARGS=(--preset gpu --time-budget-s 90)        # shapes not started by 90 s are skipped
+  TRAIN_ARGS=(--models llama3-8b:4 llama3.2-1b --dtype bf16 --batch 4 --seq 2048)
+fi
+
+if echo "$ENV_REPORT" | grep -q '^missing:.*pytest'; then
+  skip "kernel tests (CUDA, compiled Triton)" "pytest is not installed"
+else
+  stage "kernel tests (CUDA, compiled Triton)" 130 \
+    "$PY" -m pytest "$REPO/benchmarks/gpu_tests.py" -q --maxfail=5 -p no:cacheprovider --durations=5
+  stage "API error tests" 25 "$PY" -m pytest "$REPO/tests/test_penalty_errors.py" -q -p no:cacheprovider
+fi
+stage bench_penalty 150 "$PY" "$REPO/benchmarks/bench_penalty.py" "${PENALTY_ARGS[@]}" --out "$OUT/penalty_$TAG.csv"
+stage bench_train 100 "$PY" "$REPO/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --out "$OUT/train_$TAG.csv"
+stage report 25 "$PY" "$REPO/benchmarks/report.py" --results "$OUT"
+
+{
+  echo
+  echo "=================== gpu_check summary ($TAG) ==================="
+  for name in "${NAMES[@]}"; do printf '%-40s %s\n' "$name" "${STATUS[$name]}"; done
+  echo "--- measured against the targets (from $OUT) ---"
+  "$PY" "$REPO/benchmarks/report.py" --results "$OUT" --headline 2>&1
+} | tee -a "$LOG"
+for name in "${NAMES[@]}"; do [ "${STATUS[$name]}" = ok ] || exit 1; done

@@ -1,0 +1,118 @@
+"""The benchmark scripts run end to end at toy sizes, so they cannot rot. Nothing here asserts a
+speed: only that every case is measured, the numbers are well formed, the CPU memory measure
+sees what it should, and the report is drawn from the CSVs."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_penalty  # noqa: E402
+import bench_train  # noqa: E402
+import harness  # noqa: E402
+import report  # noqa: E402
+
+N, D = 256, 1024     # 1 MiB in fp32: above the 64 KiB mmap threshold of the CPU memory measure
+PROVIDERS = [p for p in bench_penalty.PROVIDERS if p != "compiled"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """One toy run of each benchmark, written where report.py looks for them."""
+    out = tmp_path_factory.mktemp("results")
+    # One thread: on a busy 2-core machine, OpenMP barriers can stall tiny ops for whole time slices.
+    # A subprocess: bench_penalty changes torch._dynamo settings, and spawns its own memory pass.
+    # The compiled provider is left out: inductor's C++ build would take most of this test's time.
+    subprocess.run([sys.executable, str(BENCH / "bench_penalty.py"), "--device", "cpu", "--n", str(N), "--d", str(D),
+                    "--dtypes", "fp32", "--masked", "yes", "--modes", "full", "--providers", *PROVIDERS,
+                    "--warmup-ms", "0", "--rep-ms", "0", "--threads", "1", "--out", str(out / "penalty_cpu.csv")],
+                   check=True, timeout=300)
+    threads = torch.get_num_threads()
+    try:
+        assert bench_train.main(["--device", "cpu", "--models", "tiny", "--batch", "2", "--seq", "16", "--warmup",
+                                 "1", "--rounds", "2", "--threads", "1", "--out", str(out / "train_cpu.csv")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_bench_penalty_measures_every_case(results):
+    rows = harness.read_csv(results / "penalty_cpu.csv", bench_penalty.FIELDS)
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, "full") for p in PROVIDERS}
+    for r in rows:
+        assert (r["N"], r["D"], r["dtype"], r["masked"], r["device"]) == (str(N), str(D), "fp32", "True", "cpu")
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert float(r["gbps"]) > 0 and float(r["copy_gbps"]) > 0
+        assert int(r["extra_mem_bytes"]) >= 0
+        assert r["command"].startswith("python benchmarks/bench_penalty.py --device cpu")
+        assert "--out" not in r["command"]            # the recorded command writes to the default place
+    by = {r["provider"]: r for r in rows}
+    assert by["injection"]["backend"] == "torch" and by["injection-reference"]["backend"] == "reference"
+
+
+def test_cpu_memory_measure_sees_allocations():
+    """The RSS high-water measure (in its own process, as bench_penalty runs it) finds a 4 MiB
+    tensor and nothing in a no-op."""
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import harness; "
+            "harness.prepare_cpu_memory_measurement(); cpu = torch.device('cpu'); "
+            "print(harness.peak_extra_bytes(lambda: torch.ones(1 << 20), cpu), "
+            "harness.peak_extra_bytes(lambda: None, cpu))")
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH)], check=True, capture_output=True, text=True,
+                         timeout=120).stdout.split()
+    tensor, nothing = int(out[0]), int(out[1])
+    assert 4 << 20 <= tensor < (4 << 20) + (512 << 10), tensor
+    assert nothing < 256 << 10, nothing
+
+
+def test_bench_train_reports_every_variant(results):
+    rows = harness.read_csv(results / "train_cpu.csv", bench_train.FIELDS)
+    assert [r["variant"] for r in rows] == list(bench_train.VARIANTS)
+    for r in rows:
+        assert (r["model"], r["layers"], r["batch"], r["seq"], r["rounds"]) == ("tiny", "4", "2", "16", "2")
+        assert float(r["tokens_per_s"]) > 0 and int(r["peak_mem_bytes"]) > 0
+        assert r["mfu"] == ""                                   # no known peak FLOP/s on CPU
+    assert float(rows[0]["step_overhead"]) == 0.0 and float(rows[0]["mem_overhead"]) == 0.0
+    assert {rows[1]["backend"], rows[2]["backend"]} == {"reference", "torch"}
+
+
+def test_report_draws_figures_and_tables(results):
+    written = report.write_report(results)
+    assert {p.name for p in written} == {"penalty_cpu.png", "train_cpu.png", "README_perf.md"}
+    for png in ("penalty_cpu.png", "train_cpu.png"):
+        assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (results / "README_perf.md").read_text()
+    assert f"| fp32 | True | {N} | {D} |" in text
+    assert "GPU numbers are not measured yet" in text
+    assert "ProCon fused at all 4 layers" in text                 # the headline, from the train CSV
+
+
+def test_read_csv_rejects_another_schema(tmp_path):
+    path = tmp_path / "penalty_cpu.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerow(["machine", "provider"])
+    with pytest.raises(ValueError, match=r"penalty_cpu.csv: header .* is not the expected schema"):
+        harness.read_csv(path, bench_penalty.FIELDS)
+    with pytest.raises(FileNotFoundError, match="results file not found"):
+        harness.read_csv(tmp_path / "missing.csv", bench_penalty.FIELDS)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        bench_penalty.parse_args(["--device", "cpu", "--extra-shapes", "8192by2048"])
+    with pytest.raises(SystemExit, match="N and D must be >= 1"):
+        bench_penalty.parse_args(["--device", "cpu", "--n", "0", "--d", "64"])
+    with pytest.raises(ValueError, match="layer count >= 1"):
+        bench_train.build_model("tiny:zero", torch.float32, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="--rounds must be >= 1"):
+        bench_train.parse_args(["--device", "cpu", "--rounds", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch.cuda.is_available"):
+            harness.resolve_device("cuda")
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
