@@ -328,7 +328,8 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, *,
         message = (f"{len(overlong)} example(s) have prompts of >= max_length={max_length} tokens, leaving no "
                    f"response token: {', '.join(overlong[:5])}{' ...' if len(overlong) > 5 else ''}")
         if not drop_overlong_prompts:
-            raise ValueError(message + "; raise max_length or pass drop_overlong_prompts=True")
+            raise ValueError(message + "; raise max_length or drop them (drop_overlong_prompts=True; trainer config "
+                             "data.drop_overlong_prompts = true; `fastprocon reference --drop-overlong-prompts`)")
         logger.warning("dropped %s", message)
     return out, n_truncated
 

@@ -313,6 +313,9 @@ def register(subparsers) -> None:
     p.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows (reports the count)")
+    p.add_argument("--drop-overlong-prompts", action="store_true",
+                   help="drop examples whose prompt alone fills --max-length (as the trainer's "
+                        "data.drop_overlong_prompts; otherwise they are an error)")
     p.add_argument("--out", required=True, help="output file (.safetensors)")
     p.set_defaults(func=run)
 
@@ -331,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
         data = load_examples_report(resolve_data_path(args.data), skip_bad_rows=args.skip_bad_rows)
         if data.skipped:
             print(f"skipped {len(data.skipped)} of {data.n_rows} bad rows (first: {data.skipped[0]})")
-        tokenized, n_truncated = tokenize_examples(data.examples, loaded.tokenizer, args.max_length)
+        tokenized, n_truncated = tokenize_examples(data.examples, loaded.tokenizer, args.max_length,
+                                                   drop_overlong_prompts=args.drop_overlong_prompts)
         report = ReferenceCache.build(loaded, directions, tokenized, parse_layers(args.layers, directions),
                                       args.max_length, args.out, storage_dtype=args.storage_dtype,
                                       batch_size=args.batch_size)

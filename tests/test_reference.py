@@ -1,4 +1,5 @@
 """Reference projections z0: build, file checks, gather, per-rank parts and their merge (tiny model)."""
+import json
 import re
 
 import pytest
@@ -187,3 +188,20 @@ def test_reference_cli(setup, tmp_path):
     tokenized, _ = tokenize_examples(load_examples(builtin_path("benign")), loaded.tokenizer, 128)
     cache = _load(out, loaded, ds, tokenized, max_length=128, layers=[1, 3])
     assert len(cache) == len(tokenized) and cache.header["storage_dtype"] == "bf16"
+
+
+def test_reference_cli_overlong_prompts(setup, tmp_path):
+    loaded, ds, _ = setup
+    directions = tmp_path / "d.safetensors"
+    save_directions(ds, directions)
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"instruction": "short", "output": "ok"},
+                                {"instruction": "long " * 100, "output": "never seen"}]))
+    args = ["reference", "--model", "tiny", "--directions", str(directions), "--data", str(data),
+            "--max-length", "48", "--out", str(tmp_path / "z0.safetensors")]
+    with pytest.raises(ValueError, match=r"prompts of >= max_length=48.*--drop-overlong-prompts"):
+        main(args)
+    assert main(args + ["--drop-overlong-prompts"]) == 0
+    cache = ReferenceCache.load(tmp_path / "z0.safetensors", model_fingerprint=None, directions_hash=None,
+                                dataset_hash=None, max_length=48, layers=None)
+    assert len(cache) == 1

@@ -230,3 +230,16 @@ def test_data_problems_are_clear_errors(tmp_path):
         run(tmp_path / "c", f"data.train={small}", "batch_size=32", "schedule=off")
     with pytest.raises(FileNotFoundError, match="data file not found"):
         run(tmp_path / "d", f"data.train={tmp_path / 'nope.json'}", "schedule=off")
+
+
+def test_overlong_prompts_are_an_error_or_dropped_on_request(tmp_path):
+    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(16)]
+    rows.append({"instruction": "long " * 200, "output": "never seen"})
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(rows))
+    common = (f"data.train={data}", "safety_samples=0", "max_length=64", "max_steps=1", "batch_size=8")
+    with pytest.raises(ValueError, match=r"1 example\(s\) have prompts of >= max_length=64.*data.drop_overlong_prompts"):
+        run(tmp_path / "a", *common)
+    result = run(tmp_path / "b", *common, "drop_overlong_prompts=true")
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["examples"] == 16 and summary["final_step"] == 1

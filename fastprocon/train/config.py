@@ -39,6 +39,7 @@ class DataConfig:
     safety_samples: int = 0                # K safety samples mixed into the training data
     max_length: int = 256                  # tokens; longer examples are cut on the right
     skip_bad_rows: bool = False
+    drop_overlong_prompts: bool = False    # drop examples whose prompt alone fills max_length (else an error)
 
 
 @dataclass

@@ -56,7 +56,8 @@ def load_training_data(cfg: Config, tokenizer) -> TrainingData:
             raise ValueError(f"config data.safety_samples = {d.safety_samples} but {d.safety} has only "
                              f"{len(safety)} examples")
         examples = mix_examples(primary, safety, d.safety_samples, cfg.train.seed)
-    tokenized, n_truncated = tokenize_examples(examples, tokenizer, d.max_length)
+    tokenized, n_truncated = tokenize_examples(examples, tokenizer, d.max_length,
+                                               drop_overlong_prompts=d.drop_overlong_prompts)
     return TrainingData(tokenized, dataset_hash(tokenized), len(primary), d.safety_samples, n_truncated)
 
 
