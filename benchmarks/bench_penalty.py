@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 import harness
 from fastprocon import anchor_projection, procon_penalty
 from fastprocon.ops import procon_penalty_ref
-from fastprocon.plots import write_json
+from fastprocon.io import write_json
 
 PROVIDERS = ("reference", "compiled", "fastprocon", "injection-reference", "injection")
 MODES = ("forward", "backward", "full")

@@ -48,7 +48,7 @@ import harness
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.hooks import ProConHooks
 from fastprocon.models import decoder_layers, hidden_size, load_model
-from fastprocon.plots import write_json
+from fastprocon.io import write_json
 from fastprocon.train.loss import ce_sum, shift_labels
 from fastprocon.train.metrics import count_params, flops_per_token, peak_flops
 

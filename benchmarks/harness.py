@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from fastprocon.plots import atomic_path
+from fastprocon.io import atomic_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Columns describing where a row was measured; every benchmark CSV starts with them.

@@ -34,7 +34,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from fastprocon.cli import main as fastprocon_main  # noqa: E402
-from fastprocon.plots import write_json  # noqa: E402
+from fastprocon.io import write_json  # noqa: E402
 
 import report  # noqa: E402  (experiments/report.py)
 

@@ -16,7 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
-from fastprocon.plots import line_plot, write_json
+from fastprocon.io import write_json
+from fastprocon.plots import line_plot
 
 
 def _load(path: Path) -> dict:

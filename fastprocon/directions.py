@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,13 +24,14 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from fastprocon.data import builtin_path, format_prompt, load_instructions
-from fastprocon.models import LoadedModel, hidden_size, load_model, num_layers
-from fastprocon.plots import atomic_path, line_plot, write_json
+from fastprocon.data import format_prompt
+from fastprocon.io import read_safetensors, save_safetensors, write_json
+from fastprocon.models import LoadedModel, add_model_args, hidden_size, model_from_args, num_layers
+from fastprocon.plots import line_plot
+from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import on_layer_inputs
 
 FORMAT = "fastprocon.directions"
-FORMAT_VERSION = "1"
 _UNDEFINED_RTOL = 1e-6   # mean-difference norm below this fraction of the largest one: no direction
 POSITION = "last token of the chat-formatted prompt (generation prompt added), input of each decoder layer"
 
@@ -65,29 +65,6 @@ class DirectionSet:
 # ---------------------------------------------------------------------------------------------
 # Activations at the last prompt token
 # ---------------------------------------------------------------------------------------------
-
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt rendered by the chat template with the generation prompt.
-
-    No special tokens are added on top: the template already holds whatever the model expects.
-    """
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt {i} is empty or not a string: {prompt!r}")
-    return [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids [B, T] long, attention_mask [B, T] long), padded on ``side`` ("left"/"right")."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
-
 
 @torch.no_grad()
 def prompt_states(loaded: LoadedModel, prompts: list[str], batch_size: int = 16,
@@ -160,42 +137,6 @@ def extract_directions(loaded: LoadedModel, harmful: list[str], harmless: list[s
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kind: str, header: dict) -> int:
-    """Write ``tensors`` with ``header`` (JSON) atomically; returns the bytes written.
-
-    ``kind`` names the file format (e.g. "fastprocon.directions"); :func:`read_safetensors`
-    refuses a file of another kind.
-    """
-    from safetensors.torch import save_file
-
-    metadata = {"format": kind, "version": FORMAT_VERSION, "metadata": json.dumps(header, allow_nan=False)}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        return os.path.getsize(tmp)
-
-
-def read_safetensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors on CPU, header dict) of a file written by :func:`save_safetensors` as ``kind``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as err:   # safetensors raises its own error type for a truncated/garbled file
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if metadata.get("format") != kind:
-        raise ValueError(f"{path}: expected a {kind} file, found format {metadata.get('format')!r}")
-    try:
-        header = json.loads(metadata["metadata"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: missing or corrupt metadata in the file header ({err})") from err
-    return tensors, header
-
 
 def save_directions(ds: DirectionSet, path: str | os.PathLike) -> int:
     """Write ``ds`` to ``path`` (safetensors, atomic); returns the bytes written."""
@@ -321,41 +262,6 @@ def plot_separation(report: dict, path: str | os.PathLike, title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Command line (the model and prompt-set options are shared with reference, drift, eval-refusal)
 # ---------------------------------------------------------------------------------------------
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def add_model_args(parser: argparse.ArgumentParser, *, model: bool = True) -> None:
-    """--model (unless ``model`` is False), --dtype, --device."""
-    if model:
-        parser.add_argument("--model", default="smollm2", help=(
-            "model spec: 'smollm2' (built-in SmolLM2-135M-Instruct, default), 'tiny', a Hugging Face "
-            "directory, a cached hub id or a .gguf file"))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
-
-
-def model_from_args(args: argparse.Namespace, spec: str | None = None) -> LoadedModel:
-    """Load ``spec`` (default ``args.model``) with the dtype and device of ``args``."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    return load_model(spec or args.model, dtype=DTYPES[args.dtype], device=device)
-
-
-def read_prompts(path: str | None, builtin: str, max_prompts: int = 0, seed: int = 0) -> tuple[list[str], dict]:
-    """Instructions from ``path`` (default: the built-in set ``builtin``), and a record of where they came from.
-
-    ``max_prompts`` > 0 keeps a seeded random subset of that size, in file order.
-    """
-    source = Path(path) if path else builtin_path(builtin)
-    prompts = load_instructions(source)
-    total = len(prompts)
-    if 0 < max_prompts < total:
-        keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_prompts]
-        prompts = [prompts[i] for i in sorted(keep.tolist())]
-    record = {"file": str(source), "builtin": None if path else builtin, "rows": total, "used": len(prompts),
-              "seed": seed if len(prompts) < total else None}
-    return prompts, record
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(

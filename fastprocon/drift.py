@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from fastprocon.data import load_instructions
-from fastprocon.directions import DirectionSet, add_model_args, extract_directions, load_directions, model_from_args
-from fastprocon.plots import line_plot, write_json
+from fastprocon.directions import DirectionSet, extract_directions, load_directions
+from fastprocon.io import write_json
+from fastprocon.models import add_model_args, model_from_args
+from fastprocon.plots import line_plot
 
 
 def direction_cosines(initial: DirectionSet, other: DirectionSet) -> list[float | None]:

@@ -14,10 +14,10 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from fastprocon.directions import (add_model_args, encode_prompts, load_directions_for, model_from_args, pad_batch,
-                                   read_prompts)
-from fastprocon.models import LoadedModel
-from fastprocon.plots import write_json
+from fastprocon.directions import load_directions_for
+from fastprocon.io import write_json
+from fastprocon.models import LoadedModel, add_model_args, model_from_args
+from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import activation_addition, directional_ablation
 
 REFUSAL_PHRASES = (

@@ -16,6 +16,8 @@ Models come back in eval mode on ``device`` in ``dtype``.
 """
 from __future__ import annotations
 
+import argparse
+
 import hashlib
 import importlib.util
 import json
@@ -351,3 +353,24 @@ def _prepare_tokenizer(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer of this model has no chat template ({type(tokenizer).__name__}); "
                          "fastprocon formats every prompt with the chat template")
+
+
+# command-line helpers shared by the subcommands
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, model: bool = True) -> None:
+    """--model (unless ``model`` is False), --dtype, --device."""
+    if model:
+        parser.add_argument("--model", default="smollm2", help=(
+            "model spec: 'smollm2' (built-in SmolLM2-135M-Instruct, default), 'tiny', a Hugging Face "
+            "directory, a cached hub id or a .gguf file"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
+
+
+def model_from_args(args: argparse.Namespace, spec: str | None = None) -> LoadedModel:
+    """Load ``spec`` (default ``args.model``) with the dtype and device of ``args``."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return load_model(spec or args.model, dtype=DTYPES[args.dtype], device=device)

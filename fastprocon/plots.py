@@ -4,26 +4,11 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot, no global stat
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
-# The process umask (os.umask can only be read by setting it): atomically written files get the
-# mode a plain open() would give them.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temp file in the same dir, then rename)."""
-    path = Path(path)
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
-    return path
+from fastprocon.io import atomic_path
 
 
 def line_plot(path: str | os.PathLike, panels: Sequence[Mapping], *, title: str | None = None,
@@ -65,20 +50,3 @@ def line_plot(path: str | os.PathLike, panels: Sequence[Mapping], *, title: str 
     return path
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp file path next to ``path``; it is renamed onto ``path`` on success, removed on error.
-
-    Readers of ``path`` see the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

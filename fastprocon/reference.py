@@ -26,11 +26,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fastprocon.data import (IGNORE_INDEX, TokenizedExample, collate, dataset_hash, load_examples_report,
-                             resolve_data_path, tokenize_examples)
-from fastprocon.directions import (DirectionSet, add_model_args, directions_hash, load_directions_for,
-                                   model_from_args, read_safetensors, save_safetensors)
-from fastprocon.models import LoadedModel
+from fastprocon.data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    dataset_hash,
+    load_examples_report,
+    resolve_data_path,
+    tokenize_examples,
+)
+from fastprocon.directions import DirectionSet, directions_hash, load_directions_for
+from fastprocon.io import read_safetensors, save_safetensors
+from fastprocon.models import LoadedModel, add_model_args, model_from_args
 from fastprocon.penalty import procon_penalty
 from fastprocon.steering import on_layer_inputs
 

@@ -8,12 +8,21 @@ import torch
 
 from fastprocon.cli import main
 from fastprocon.data import builtin_path, load_instructions
-from fastprocon.directions import (DirectionSet, auroc, cohens_d, directions_hash, encode_prompts,
-                                   extract_directions, load_directions,
-                                   load_directions_for, prompt_states, read_prompts, save_directions,
-                                   save_safetensors)
+from fastprocon.directions import (
+    DirectionSet,
+    auroc,
+    cohens_d,
+    directions_hash,
+    extract_directions,
+    load_directions,
+    load_directions_for,
+    prompt_states,
+    save_directions,
+)
 from fastprocon.drift import direction_cosines
+from fastprocon.io import save_safetensors
 from fastprocon.models import load_model
+from fastprocon.prompts import encode_prompts, read_prompts
 from fastprocon.steering import activation_addition, directional_ablation, on_layer_inputs
 
 HARMFUL = load_instructions(builtin_path("harmful"))[:6]

@@ -6,10 +6,17 @@ import torch
 
 from fastprocon.cli import main
 from fastprocon.data import builtin_path, load_instructions
-from fastprocon.directions import encode_prompts, extract_directions, save_directions
-from fastprocon.evaluate import (evaluate_refusal, greedy_completions, is_refusal, refusal_rates, refusal_score,
-                                 refusal_token_ids)
+from fastprocon.directions import extract_directions, save_directions
+from fastprocon.evaluate import (
+    evaluate_refusal,
+    greedy_completions,
+    is_refusal,
+    refusal_rates,
+    refusal_score,
+    refusal_token_ids,
+)
 from fastprocon.models import load_model
+from fastprocon.prompts import encode_prompts
 
 PROMPTS = load_instructions(builtin_path("harmful_eval"))[:3] + load_instructions(builtin_path("harmless_eval"))[:2]
 

@@ -7,11 +7,18 @@ import torch
 
 from fastprocon.cli import main
 from fastprocon.data import builtin_path, collate, dataset_hash, load_examples, load_instructions, tokenize_examples
-from fastprocon.directions import directions_hash, extract_directions, save_directions, save_safetensors
+from fastprocon.directions import directions_hash, extract_directions, save_directions
+from fastprocon.io import save_safetensors
 from fastprocon.models import load_model
+from fastprocon.reference import (
+    ReferenceCache,
+    compute_projections,
+    merge_parts,
+    parse_layers,
+    part_path,
+    write_cache_file,
+)
 from fastprocon.steering import on_layer_inputs
-from fastprocon.reference import (ReferenceCache, compute_projections, merge_parts, parse_layers, part_path,
-                                  write_cache_file)
 
 MAX_LENGTH = 160
 

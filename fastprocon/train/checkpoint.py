@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from fastprocon.plots import atomic_path
+from fastprocon.io import atomic_path
 from fastprocon.train.distributed import DistContext, barrier, broadcast_object
 
 LATEST = "latest"

@@ -13,10 +13,22 @@ from typing import Callable
 
 import torch
 
-from fastprocon.data import (TokenizedExample, dataset_hash, load_examples, load_instructions, mix_examples,
-                             resolve_data_path, tokenize_examples)
-from fastprocon.directions import (DirectionSet, directions_hash, extract_directions, load_directions_for,
-                                   save_directions)
+from fastprocon.data import (
+    TokenizedExample,
+    dataset_hash,
+    load_examples,
+    load_instructions,
+    mix_examples,
+    resolve_data_path,
+    tokenize_examples,
+)
+from fastprocon.directions import (
+    DirectionSet,
+    directions_hash,
+    extract_directions,
+    load_directions_for,
+    save_directions,
+)
 from fastprocon.models import LoadedModel
 from fastprocon.reference import ReferenceCache, parse_layers
 from fastprocon.train.config import Config

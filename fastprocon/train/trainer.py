@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.hooks import ProConHooks, stack_recorded
 from fastprocon.models import decoder_layers, hidden_size, load_model, num_layers
-from fastprocon.plots import write_json
+from fastprocon.io import write_json
 from fastprocon.train import distributed as D
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.checkpoint import CheckpointManager, full_model_state_dict
