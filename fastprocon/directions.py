@@ -260,7 +260,7 @@ def plot_separation(report: dict, path: str | os.PathLike, title: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (the model and prompt-set options are shared with reference, drift, eval-refusal)
+# Command line (model options: models.add_model_args; prompt sets: prompts.read_prompts)
 # ---------------------------------------------------------------------------------------------
 
 def register(subparsers) -> None:
