@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 import torch
 
 from fastprocon.io import atomic_path
+from fastprocon.models import resolve_device  # noqa: F401  (the scripts call harness.resolve_device)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Columns describing where a row was measured; every benchmark CSV starts with them.
@@ -56,18 +57,6 @@ class Timing(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # environment
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}: use cpu, cuda or auto")
-    return device
 
 
 def _cpu_model() -> str:

@@ -125,13 +125,9 @@ class Experiment:
 
     def load(self, spec: str):
         """A model for the driver's own API calls, on the --device the CLIs get."""
-        import torch
-        from fastprocon.models import load_model
+        from fastprocon.models import load_model, resolve_device
 
-        device = self.device_flag
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return load_model(spec, device=device)
+        return load_model(spec, device=resolve_device(self.device_flag))
 
     def model_flags(self) -> list[str]:
         return ["--device", self.device_flag]

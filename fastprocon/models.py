@@ -370,7 +370,18 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: bool = True) -> No
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but torch.cuda.is_available() is False")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use cpu, cuda or auto")
+    return device
+
+
 def model_from_args(args: argparse.Namespace, spec: str | None = None) -> LoadedModel:
     """Load ``spec`` (default ``args.model``) with the dtype and device of ``args``."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    return load_model(spec or args.model, dtype=DTYPES[args.dtype], device=device)
+    return load_model(spec or args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
