@@ -1,5 +1,5 @@
-"""The fused penalty on CUDA with compiled Triton kernels (not the interpreter). Run by
-benchmarks/gpu_check.sh; skipped without a GPU.
+"""The fused penalty on CUDA with compiled Triton kernels (not the interpreter), and the
+trainer's CUDA path. Run by benchmarks/gpu_check.sh; skipped without a GPU.
 
     python -m pytest benchmarks/gpu_tests.py      # TRITON_INTERPRET must be unset
 
@@ -8,6 +8,7 @@ CPU suite. The inputs, the same-dtype error yardstick and the accuracy rule (err
 float64 reference at most 2x plain PyTorch's in the input dtype) are those of tests/test_penalty.py,
 imported from there; here every tensor lives on the GPU.
 """
+import math
 import os
 import sys
 from pathlib import Path
@@ -156,3 +157,31 @@ def test_int64_offsets_beyond_2_31_elements():
     c = torch.sign(z_tail - reference[tail].double()) * weight[tail].double()
     expect = upstream[tail].double() + c[:, None] * r[None, :]
     torch.testing.assert_close(hidden.grad[tail].double(), expect, rtol=0, atol=2e-2 * (1 + expect.abs().max().item()))
+
+
+def test_trainer_on_cuda_bf16_with_resume(tmp_path, monkeypatch):
+    """The trainer's CUDA path: FSDP2 on one GPU (nccl), bf16 mixed precision, the Triton
+    kernels at every layer, a checkpoint and a resume. Step 1 (same weights) matches an fp32
+    CPU run up to bf16 rounding."""
+    from fastprocon import ops
+    from fastprocon.train import load_config, train
+    from fastprocon.train.metrics import read_metrics
+
+    def run(run_dir, *extra):
+        return train(load_config("tiny", [f"run_dir={run_dir}", "log_every=1", "checkpoint_every=2", *extra]))
+
+    run(tmp_path / "cpu", "model.device=cpu", "max_steps=1", "export=false")
+    assets = [f"procon.directions={tmp_path / 'cpu' / 'directions.safetensors'}",
+              f"procon.reference_cache={tmp_path / 'cpu' / 'reference.safetensors'}"]
+    launches = []
+    fused = ops.BACKWARD["triton"]
+    monkeypatch.setitem(ops.BACKWARD, "triton", lambda coef, *a: launches.append(coef.device) or fused(coef, *a))
+    run(tmp_path / "cuda", "model.device=cuda", "max_steps=4", "export=false", *assets)
+    result = run(tmp_path / "cuda", "model.device=cuda", "max_steps=6", "export=true", *assets)   # resumes at 4
+    cpu, cuda = read_metrics(tmp_path / "cpu"), read_metrics(tmp_path / "cuda")
+    assert [r["step"] for r in cuda] == [1, 2, 3, 4, 5, 6] and result.start_step == 4
+    assert launches and all(d.type == "cuda" for d in launches)          # the Triton backward ran
+    assert cuda[0]["ce"] == pytest.approx(cpu[0]["ce"], rel=5e-3)
+    for r in cuda:
+        assert all(map(math.isfinite, (r["ce"], r["procon"], r["grad_norm"]))) and r["mfu"] is not None
+    assert (result.export_dir / "config.json").exists()

@@ -153,10 +153,11 @@ def _bwd_blocks(N: int, D: int) -> tuple[int, int, int]:
 
 
 def wrap(kernel):
-    """Identity in plain eager use; `torch.library.wrap_triton` when available, so the launches
-    stay visible to torch.compile inside a `triton_op`."""
+    """`torch.library.wrap_triton(kernel)` when available, so the launches stay visible to
+    torch.compile inside a `triton_op`. Interpreted kernels (TRITON_INTERPRET=1) are returned
+    as they are: torch 2.13 does the same itself, torch 2.11 raises on them."""
     wrap_triton = getattr(torch.library, "wrap_triton", None)
-    return wrap_triton(kernel) if wrap_triton is not None else kernel
+    return kernel if wrap_triton is None or INTERPRET else wrap_triton(kernel)
 
 
 def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: torch.Tensor | None,
@@ -204,7 +205,7 @@ def projection_bwd(coef: torch.Tensor, direction: torch.Tensor, grad_scale: torc
         coef, direction, grad_scale,
         grad_in if grad_in is not None else out, grad_in.stride(0) if grad_in is not None else 0,
         out, out.stride(0), N, D,
-        HAS_GIN=grad_in is not None, ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, ACC_DTYPE=acc_tl, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=warps,
+        HAS_GIN=grad_in is not None, ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, ACC_DTYPE=acc_tl,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
     )
     return out

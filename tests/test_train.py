@@ -1,7 +1,7 @@
 """The trainer on the tiny model, single process: a CLI run and its run directory, ProCon's effect
 (measured), the warm-up switch, kill-and-resume equality, interrupted checkpoint writes,
-non-finite stops, LoRA with adapters-off references, activation checkpointing, and the errors
-for mismatched directions, reference caches, checkpoints and data."""
+non-finite stops, LoRA with adapters-off references, activation checkpointing, bf16 mixed
+precision, and the errors for mismatched directions, reference caches, checkpoints and data."""
 import importlib.util
 import json
 
@@ -184,6 +184,26 @@ def test_activation_checkpointing_gives_the_same_steps(base_run, tmp_path):
     for g, w in zip(got, want):
         for key in ("ce", "procon", "grad_norm"):
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
+
+
+def test_bf16_mixed_precision_computes_in_bf16_and_keeps_fp32_weights(base_run, tmp_path, monkeypatch):
+    """FSDP2's bf16 policy (the CUDA default) on CPU: the hooks see bf16 hidden states, step 1
+    (same weights as the fp32 run) differs from it by bf16 rounding only, and the checkpointed
+    master weights and optimizer state stay fp32."""
+    from torch.distributed.checkpoint import FileSystemReader
+    seen = []
+    original = hooks_module.anchor_projection
+    monkeypatch.setattr(hooks_module, "anchor_projection",
+                        lambda h, *a, **k: seen.append(h.dtype) or original(h, *a, **k))
+    run(tmp_path, "model.mixed_precision=bf16", "max_steps=4", assets=base_run)
+    assert seen and set(seen) == {torch.bfloat16}
+    got, want = read_metrics(tmp_path), read_metrics(base_run)
+    assert got[0]["ce"] != want[0]["ce"] and got[0]["ce"] == pytest.approx(want[0]["ce"], rel=2e-3)
+    assert all(torch.isfinite(torch.tensor([r["ce"], r["procon"], r["grad_norm"]])).all() for r in got)
+    metadata = FileSystemReader(str(tmp_path / "checkpoints" / "step_000004")).read_metadata().state_dict_metadata
+    tensors = {k: m.properties.dtype for k, m in metadata.items() if hasattr(m, "properties")}
+    assert any(k.startswith("model.") for k in tensors) and any(k.startswith("optim.") for k in tensors)
+    assert {dtype for k, dtype in tensors.items() if k.startswith(("model.", "optim.state."))} == {torch.float32}
 
 
 def test_lora_with_adapters_off_reference(tmp_path):
