@@ -107,6 +107,7 @@ def gradient_worker(out: str, run_dir: str, assets: str) -> None:
         sums = D.all_reduce_sum(trainer._acc.clone())
         if ctx.is_main:
             torch.save({"grads": grads, "sums": sums, "accum": trainer.batches.grad_accum}, out)
+        del trainer                   # before the group goes (see D.shutdown)
     finally:
         D.shutdown(ctx)
 

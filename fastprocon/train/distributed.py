@@ -7,6 +7,7 @@ whatever the process count.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -54,12 +55,18 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 def shutdown(ctx: DistContext, *, clean: bool = True) -> None:
     """Destroy the group if this context made it; after a barrier when ``clean`` (the barrier
-    avoids teardown aborts), without one after an error (other processes may never reach it)."""
+    avoids teardown aborts), without one after an error (other processes may never reach it).
+
+    Drop the last reference to the FSDP model before calling this: FSDP modules sit in reference
+    cycles that hold the group, and a group freed only at interpreter exit can abort the process
+    there ("terminate called without an active exception", seen with gloo). The gc.collect()
+    here frees those cycles, so the group's threads stop inside destroy_process_group."""
     if ctx.owns_group and dist.is_initialized():
         try:
             if clean:
                 dist.barrier()
         finally:
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -302,14 +302,17 @@ def train(cfg: Config) -> TrainResult:
     """Run training for ``cfg`` (single process, or under torchrun). Writes the run directory:
     config.toml, metrics.jsonl, checkpoints/, model/ (the export), summary.json."""
     ctx = D.init_distributed(cfg.model.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, ctx)
         result = trainer.fit()
         if ctx.is_main:
             write_json(result.run_dir / "summary.json", summary_of(result, trainer))
     except BaseException:
+        del trainer
         D.shutdown(ctx, clean=False)   # no barrier: the other processes may be stuck elsewhere
         raise
+    del trainer                        # the FSDP model goes before the group (see D.shutdown)
     D.shutdown(ctx)
     return result
 
