@@ -10,15 +10,17 @@
 # triton, transformers, tqdm; pytest for the tests, matplotlib for the figures) and needs no
 # model weights. Each stage has a time limit; together they stay under 8 minutes on one H100.
 #     bash benchmarks/gpu_check.sh             # or: OUT=/some/dir PYTHON=python3 bash benchmarks/gpu_check.sh
-# FASTPROCON_GPU_CHECK_SMOKE=1 runs the same stages at toy sizes, also without a GPU (to test this script).
+# FASTPROCON_GPU_CHECK_SMOKE=1 runs the same stages at toy sizes, also without a GPU (to test this script),
+# into a new temporary directory unless OUT is set.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+SMOKE=${FASTPROCON_GPU_CHECK_SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then OUT=${OUT:-$(mktemp -d)}; fi   # toy numbers never overwrite the committed results
 OUT=${OUT:-$REPO/benchmarks/results}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu_check.log"
 PY=${PYTHON:-python}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac   # a path stays valid after cd
-SMOKE=${FASTPROCON_GPU_CHECK_SMOKE:-0}
 : > "$LOG"
 unset TRITON_INTERPRET
 export TQDM_DISABLE=1            # progress bars would flood the log

@@ -72,6 +72,18 @@ def test_matches_float64(form, backend, dtype, norm, shape):
     assert_close_to_truth("grad", h.grad, plain_h.grad, truth_h.grad)
 
 
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("shape", [(6, 9), (37, 576), (3, 2050)], ids=str)   # both fp64 tile regimes
+def test_gradcheck_float64(norm, shape):
+    hidden, direction, reference, weight = to_cuda(*make_inputs(shape, torch.float64, seed=3, weight="float"))
+    scale = torch.tensor(0.8, dtype=torch.float64, device=CUDA)
+
+    def penalty(h):
+        return procon_penalty(h, direction, reference, weight, norm=norm, scale=scale, backend="triton")
+
+    assert torch.autograd.gradcheck(penalty, (hidden.clone().requires_grad_(),))
+
+
 @pytest.mark.parametrize("shape", [(16384, 4096), (4099, 2050)], ids=str)
 def test_bitwise_deterministic(shape):
     hidden, direction, reference, weight = to_cuda(*make_inputs(shape, torch.bfloat16, seed=5))

@@ -3,9 +3,10 @@ GPU needed), and report each specialisation's registers, spilled bytes and share
 
 What is compiled is what the launchers in kernels/procon_projection.py would launch for hidden
 size D: their block-size heuristics, every hidden dtype, every norm and flag combination, through
-Triton's full pipeline to a cubin (ptxas and cuobjdump ship inside the triton wheel). It catches
-a kernel that no longer compiles for the GPU, and register spills, before any GPU time is spent;
-registers per thread also bound the occupancy (65536 registers per SM on sm_80/sm_90).
+Triton's full pipeline to a cubin; Triton's own ptxas (shipped in the triton wheel) then reports
+registers, stack frame and spill stores of the PTX (``ptxas -v``). It catches a kernel that no
+longer compiles for the GPU, and register spills, before any GPU time is spent; registers per
+thread also bound the occupancy (65536 registers per SM on sm_80/sm_90).
 
     python benchmarks/kernel_resources.py                         # sm_90 (H100/H200), D 64 576 4096
     python benchmarks/kernel_resources.py --arch 80 --d 2048 --dtypes bf16 --out resources.csv
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,9 @@ TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"
             torch.bool: "i1"}
 FIELDS = ("triton", "arch", "kernel", "hidden_dtype", "D", "flags", "block_n", "block_d", "num_warps", "regs",
           "spill_bytes", "stack_bytes", "shared_bytes", "error")
+_PTXAS_FIELDS = {   # ptxas -v line fragments -> row fields
+    "regs": re.compile(r"Used (\d+) registers"), "spill_bytes": re.compile(r"(\d+) bytes spill stores"),
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame")}
 
 
 class Case(NamedTuple):
@@ -60,7 +65,7 @@ def cases(d_values: list[int], dtype_names: list[str]) -> list[Case]:
         h = HIDDEN_DTYPES[name]
         acc_torch, acc_tl = K._acc_dtype(h)
         for d in d_values:
-            bn, bd, warps = K._fwd_blocks(1 << 20, d)
+            bn, bd, warps = K._fwd_blocks(1 << 20, d, h)
             fwd_variants = [(norm, True, torch.bool, True) for norm in NORMS]        # training
             fwd_variants += [("l1", True, acc_torch, True), ("l1", False, None, False)]  # float weight; eval
             for norm, has_z0, w_dtype, need_grad in fwd_variants:
@@ -101,18 +106,19 @@ def signature(case: Case) -> dict:
     return sig
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """REG/STACK/SHARED/LOCAL of the one kernel in a cubin, from cuobjdump -res-usage."""
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers, spill stores and stack frame (bytes) of the one kernel in ``ptx``, from the
+    ptxas Triton itself compiles with, in verbose mode."""
     from triton.backends.nvidia import compiler as nvidia
-    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+    ptxas = nvidia.get_ptxas(arch).path
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"   # Triton targets the "a" variants from sm_90
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
         f.flush()
-        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in text.splitlines() if "REG:" in ln)
-    fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
-    return {"regs": int(fields["REG"]), "spill_bytes": int(fields["LOCAL"]), "stack_bytes": int(fields["STACK"]),
-            "shared_bytes": int(fields["SHARED"])}
+        done = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True)
+    text = done.stdout + done.stderr
+    return {name: int(pattern.search(text).group(1)) for name, pattern in _PTXAS_FIELDS.items()}
 
 
 def compile_case(case: Case, arch: int) -> dict:
@@ -126,7 +132,7 @@ def compile_case(case: Case, arch: int) -> dict:
                     constexprs={(names.index(k),): v for k, v in case.constexprs.items()})
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
-        row.update(resource_usage(compiled.asm["cubin"]))
+        row.update(ptxas_usage(compiled.asm["ptx"], arch), shared_bytes=compiled.metadata.shared)
     except Exception as e:  # noqa: BLE001  (reported per case, the run goes on)
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     return row

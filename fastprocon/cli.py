@@ -3,12 +3,21 @@
 Each module listed in ``COMMANDS`` defines ``register(subparsers)``, which adds its parser and
 sets ``func=`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit code.
 Modules are imported lazily so ``fastprocon <cmd> --help`` only imports what ``<cmd>`` needs.
+
+The tools raise ValueError / FileNotFoundError for bad input (arguments, files, data); :func:`main`
+prints those as ``fastprocon <cmd>: error: <message>`` and returns 2, as argparse does for a bad
+option. Set ``FASTPROCON_TRACEBACK=1`` to get the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# What the tools raise for bad input; anything else is a bug and keeps its traceback.
+# (UnicodeDecodeError and data.py's row errors are ValueErrors.)
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 # subcommand -> module that registers it
 COMMANDS = {
@@ -35,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(only=wanted).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if os.environ.get("FASTPROCON_TRACEBACK") == "1":
+            raise
+        print(f"fastprocon {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -101,7 +101,11 @@ def _read_rows(path: Path):
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; expected .json or .jsonl")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        # utf-8-sig: a leading byte-order mark (as some Windows editors write) is not part of the JSON
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.split("\n"), start=1):   # not splitlines: JSON strings may hold U+2028
             if not line.strip():

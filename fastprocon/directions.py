@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fastprocon.data import format_prompt
-from fastprocon.io import read_safetensors, save_safetensors, write_json
-from fastprocon.models import LoadedModel, add_model_args, hidden_size, model_from_args, num_layers
+from fastprocon.io import check_output, read_safetensors, save_safetensors, write_json
+from fastprocon.models import (LoadedModel, add_model_args, hidden_size, model_from_args, non_negative_int,
+                               num_layers, positive_int)
 from fastprocon.plots import line_plot
 from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import on_layer_inputs
@@ -275,18 +276,22 @@ def register(subparsers) -> None:
     p.add_argument("--harmless", help="harmless instructions, JSON/JSONL (default: the built-in set)")
     p.add_argument("--harmful-val", help="held-out harmful instructions (default: the built-in eval set)")
     p.add_argument("--harmless-val", help="held-out harmless instructions (default: the built-in eval set)")
-    p.add_argument("--max-prompts", type=int, default=128,
+    p.add_argument("--max-prompts", type=non_negative_int, default=128,
                    help="use a seeded random subset of this many prompts per training set (default 128 as in "
                         "Arditi et al.; 0 = all)")
-    p.add_argument("--max-val-prompts", type=int, default=0, help="same for the held-out sets (default 0 = all)")
+    p.add_argument("--max-val-prompts", type=non_negative_int, default=0,
+                   help="same for the held-out sets (default 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-quality", action="store_true", help="skip the held-out separation report")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    files = ("directions.safetensors",) + (() if args.no_quality else ("quality.json", "quality.png"))
+    check_output(args.out, {"--model": args.model, "--harmful": args.harmful, "--harmless": args.harmless,
+                            "--harmful-val": args.harmful_val, "--harmless-val": args.harmless_val}, files=files)
     harmful, harmful_src = read_prompts(args.harmful, "harmful", args.max_prompts, args.seed)
     harmless, harmless_src = read_prompts(args.harmless, "harmless", args.max_prompts, args.seed)
     loaded = model_from_args(args)

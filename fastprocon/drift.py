@@ -13,8 +13,8 @@ import torch
 
 from fastprocon.data import load_instructions
 from fastprocon.directions import DirectionSet, extract_directions, load_directions
-from fastprocon.io import write_json
-from fastprocon.models import add_model_args, model_from_args
+from fastprocon.io import check_output, write_json
+from fastprocon.models import add_model_args, model_from_args, positive_int
 from fastprocon.plots import line_plot
 
 
@@ -46,6 +46,30 @@ def initial_prompts(initial: DirectionSet, harmful: list[str] | None, harmless: 
     return harmful, harmless
 
 
+def checkpoint_labels(checkpoints: list[str], labels: list[str] | None = None) -> list[str]:
+    """Legend labels: ``labels`` checked (one per checkpoint, unique), else each checkpoint's
+    shortest path suffix that no other checkpoint shares ("runA/model", "runB/model")."""
+    if labels is not None:
+        if len(labels) != len(checkpoints):
+            raise ValueError(f"{len(labels)} --labels for {len(checkpoints)} --checkpoints")
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"--labels must be unique (drift.json and the plot key on them): {repeated} repeated")
+        return list(labels)
+    parts = [Path(c).parts or (c,) for c in checkpoints]
+    depth = [1] * len(checkpoints)
+    while True:
+        labels = [Path(*p[-k:]).as_posix() for p, k in zip(parts, depth)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not clashing:
+            return labels
+        growable = [i for i in clashing if depth[i] < len(parts[i])]
+        if not growable:
+            raise ValueError(f"--checkpoints lists {checkpoints[clashing[0]]!r} more than once")
+        for i in growable:
+            depth[i] += 1
+
+
 def plot_drift(report: dict, path: str | Path) -> None:
     series = {}
     for entry in report["checkpoints"]:
@@ -64,19 +88,21 @@ def register(subparsers) -> None:
     p.add_argument("--directions", required=True, help="the initial model's directions file")
     p.add_argument("--checkpoints", nargs="+", required=True,
                    help="trained models: Hugging Face directories (or any spec `--model` takes)")
-    p.add_argument("--labels", nargs="+", help="legend labels, one per checkpoint (default: directory names)")
+    p.add_argument("--labels", nargs="+",
+                   help="unique legend labels, one per checkpoint (default: the shortest path suffix that tells "
+                        "the checkpoints apart, e.g. runA/model)")
     p.add_argument("--harmful", help="harmful instructions (default: the prompts stored in --directions)")
     p.add_argument("--harmless", help="harmless instructions (default: the prompts stored in --directions)")
     add_model_args(p, model=False)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    labels = args.labels or [Path(c).name or c for c in args.checkpoints]
-    if len(labels) != len(args.checkpoints):
-        raise ValueError(f"{len(labels)} --labels for {len(args.checkpoints)} --checkpoints")
+    labels = checkpoint_labels(args.checkpoints, args.labels)
+    check_output(args.out, {"--directions": args.directions, "--harmful": args.harmful, "--harmless": args.harmless},
+                 files=("drift.json", "drift.png"))
     initial = load_directions(args.directions)
     given = [load_instructions(path) if path else None for path in (args.harmful, args.harmless)]
     harmful, harmless = initial_prompts(initial, *given, where=args.directions)

@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fastprocon.directions import load_directions_for
-from fastprocon.io import write_json
-from fastprocon.models import LoadedModel, add_model_args, model_from_args
+from fastprocon.io import check_output, write_json
+from fastprocon.models import (LoadedModel, add_model_args, finite_float, model_from_args, non_negative_int,
+                               positive_int)
 from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import activation_addition, directional_ablation
 
@@ -149,25 +150,28 @@ def register(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--harmful", help="harmful instructions, JSON/JSONL (default: the built-in eval set)")
     p.add_argument("--harmless", help="harmless instructions, JSON/JSONL (default: the built-in eval set)")
-    p.add_argument("--max-prompts", type=int, default=0, help="seeded random subset per set (default 0 = all)")
+    p.add_argument("--max-prompts", type=non_negative_int, default=0,
+                   help="seeded random subset per set (default 0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-refusal-score", action="store_true", help="skip the refusal-token log-odds score")
     p.add_argument("--directions", help="directions file of this model, for --steer")
     p.add_argument("--steer", choices=("ablate", "add"),
                    help="ablate: remove r_l from every layer input; add: add COEF * r_LAYER at layer LAYER")
-    p.add_argument("--layer", type=int, help="layer for --steer add")
-    p.add_argument("--coef", type=float,
+    p.add_argument("--layer", type=non_negative_int, help="layer for --steer add")
+    p.add_argument("--coef", type=finite_float,
                    help="coefficient for --steer add (default: that layer's mean-difference norm)")
     p.add_argument("--out", required=True, help="output JSON file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, {"--model": args.model, "--harmful": args.harmful, "--harmless": args.harmless,
+                            "--directions": args.directions})
+    _check_steer_args(args)
     harmful, harmful_src = read_prompts(args.harmful, "harmful_eval", args.max_prompts, args.seed)
     harmless, harmless_src = read_prompts(args.harmless, "harmless_eval", args.max_prompts, args.seed)
-    _check_steer_args(args)
     loaded = model_from_args(args)
     steering, steer_info = _steering(args, loaded)
     with steering:

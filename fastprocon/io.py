@@ -11,7 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -39,6 +39,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None, *,
+                 arg: str = "--out", files: Iterable[str] | None = None) -> Path:
+    """Check before any work that a command's output ``path`` (the value of ``arg``) can be written.
+
+    ``files`` None: ``path`` is an output file; else it is an output directory that gets these
+    file names. Each file written must not be an existing directory nor the same file as one of
+    ``inputs`` (argument name -> path; missing or None entries are skipped), and no existing
+    parent may be a regular file. Raises ValueError naming ``arg``; returns ``path`` as a Path.
+    """
+    path = Path(path)
+    if files is None:
+        targets = [path]
+        if path.is_dir():
+            raise ValueError(f"{arg} {path} is a directory; give a file path")
+    else:
+        targets = [path / name for name in files]
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{arg} {path} exists and is not a directory; give a directory path")
+    # the nearest existing directory decides whether the missing ones (and the files) can be created
+    full = Path(os.path.abspath(path))
+    for parent in ([full] if files is not None else []) + list(full.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{arg} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{arg} {path}: directory {parent} is not writable")
+            break
+    for target in targets:
+        if files is not None and target.is_dir():
+            raise ValueError(f"{arg} {path}: {target} is a directory, but the command writes a file there")
+        for name, source in (inputs or {}).items():
+            # an input that does not exist yet cannot be destroyed (and fails later on its own)
+            if source is not None and target.exists() and os.path.exists(source) and os.path.samefile(target, source):
+                raise ValueError(f"{arg} {target} is the same file as {name}; refusing to overwrite an input")
+    return path
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -370,15 +371,53 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: bool = True) -> No
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
 
 
+def int_at_least(low: int):
+    """argparse ``type=``: an integer >= ``low`` (a bad value is a usage error naming the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=``: a finite float (nan and inf are usage errors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+DEVICE_FORMS = "cpu, cuda, cuda:N or auto"
+
+
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is an error."""
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU, or a bad name, is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch.cuda.is_available() is False")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):   # torch's message lists every backend it knows, not what we accept
+        raise ValueError(f"--device {name!r} is not a device: use {DEVICE_FORMS}") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}: use cpu, cuda or auto")
+        raise ValueError(f"unsupported --device {name!r}: use {DEVICE_FORMS}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch.cuda.is_available() is False; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 

@@ -58,12 +58,7 @@ def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor]
     for name, t in (("direction", direction), ("reference", reference), ("weight", weight), ("scale", scale)):
         if isinstance(t, Tensor) and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if norm not in ops.NORMS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(ops.NORMS)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-    if not (isinstance(delta, (int, float)) and delta >= 0 and delta < float("inf")):
-        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+    _check_options(norm, delta, backend)
     if isinstance(scale, Tensor):
         _check_float("scale", scale)
         if scale.dim() != 0:
@@ -71,10 +66,25 @@ def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor]
     elif not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number or a 0-d tensor, got {type(scale).__name__}")
     if validate and not torch.compiler.is_compiling():  # value checks need a host sync on GPU
-        if not bool(torch.isfinite(direction).all()):
-            raise ValueError("direction has non-finite values")
-        if not bool((direction != 0).any()):
-            raise ValueError("direction is all zeros: it has no direction to project on")
+        _check_direction_values(direction)
+
+
+def _check_options(norm: str, delta: float, backend: str) -> None:
+    if norm not in ops.NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(ops.NORMS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if not (isinstance(delta, (int, float)) and delta >= 0 and delta < float("inf")):
+        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+    if norm == "huber" and delta == 0:   # Huber with delta 0 is identically zero: no constraint at all
+        raise ValueError("delta must be > 0 for norm='huber'")
+
+
+def _check_direction_values(direction: Tensor) -> None:
+    if not bool(torch.isfinite(direction).all()):
+        raise ValueError("direction has non-finite values")
+    if not bool((direction != 0).any()):
+        raise ValueError("direction is all zeros: it has no direction to project on")
 
 
 def resolve_backend(backend: str, hidden: Tensor) -> str:
@@ -229,7 +239,13 @@ class ProConPenalty(torch.nn.Module):
 
     def __init__(self, direction: Tensor, *, norm: str = "l1", delta: float = 1.0, backend: str = "auto"):
         super().__init__()
+        # Everything about the direction and options is checked here, once: forward skips the
+        # value checks (they would cost a host sync per call on GPU).
         _check_float("direction", direction)
+        if direction.dim() != 1:
+            raise ValueError(f"direction must be 1-D [D], got shape {tuple(direction.shape)}")
+        _check_direction_values(direction)
+        _check_options(norm, delta, backend)
         self.register_buffer("direction", direction.detach().float().clone())
         self.norm, self.delta, self.backend = norm, delta, backend
 

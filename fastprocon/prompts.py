@@ -36,6 +36,8 @@ def read_prompts(path: str | None, builtin: str, max_prompts: int = 0, seed: int
 
     ``max_prompts`` > 0 keeps a seeded random subset of that size, in file order.
     """
+    if max_prompts < 0:
+        raise ValueError(f"max_prompts must be >= 0 (0 = all), got {max_prompts}")
     source = Path(path) if path else builtin_path(builtin)
     prompts = load_instructions(source)
     total = len(prompts)

@@ -36,8 +36,8 @@ from fastprocon.data import (
     tokenize_examples,
 )
 from fastprocon.directions import DirectionSet, directions_hash, load_directions_for
-from fastprocon.io import read_safetensors, save_safetensors
-from fastprocon.models import LoadedModel, add_model_args, model_from_args
+from fastprocon.io import check_output, read_safetensors, save_safetensors
+from fastprocon.models import LoadedModel, add_model_args, int_at_least, model_from_args, positive_int
 from fastprocon.penalty import procon_penalty
 from fastprocon.steering import on_layer_inputs
 
@@ -134,6 +134,8 @@ class ReferenceCache:
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
         layers = _check_layers(directions, directions.defined_layers if layers is None else layers)
+        if not tokenized:
+            raise ValueError("no samples to record: the tokenized data set is empty")
         for ex in tokenized:
             if len(ex.input_ids) > max_length or len(ex.labels) != len(ex.input_ids):
                 raise ValueError(f"sample {ex.id!r}: {len(ex.input_ids)} tokens, {len(ex.labels)} labels; "
@@ -315,10 +317,10 @@ def register(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--directions", required=True, help="directions file from `fastprocon directions` for this model")
     p.add_argument("--data", required=True, help="training data (JSON/JSONL) or a built-in set name, e.g. 'benign'")
-    p.add_argument("--max-length", type=int, required=True, help="max tokens per sample (as in training)")
+    p.add_argument("--max-length", type=int_at_least(2), required=True, help="max tokens per sample (as in training)")
     p.add_argument("--layers", default="all", help="'all' (every layer with a direction, default) or e.g. '1,2,5'")
     p.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="fp32")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows (reports the count)")
     p.add_argument("--drop-overlong-prompts", action="store_true",
                    help="drop examples whose prompt alone fills --max-length (as the trainer's "
@@ -328,6 +330,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    data_path = resolve_data_path(args.data)
+    check_output(args.out, {"--model": args.model, "--directions": args.directions, "--data": data_path})
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if distributed:
         cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
@@ -338,11 +342,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = model_from_args(args)
         directions = load_directions_for(loaded, args.directions)
-        data = load_examples_report(resolve_data_path(args.data), skip_bad_rows=args.skip_bad_rows)
+        data = load_examples_report(data_path, skip_bad_rows=args.skip_bad_rows)
         if data.skipped:
             print(f"skipped {len(data.skipped)} of {data.n_rows} bad rows (first: {data.skipped[0]})")
         tokenized, n_truncated = tokenize_examples(data.examples, loaded.tokenizer, args.max_length,
                                                    drop_overlong_prompts=args.drop_overlong_prompts)
+        if not tokenized:   # an empty cache would only fail later, in training
+            raise ValueError(f"all {len(data.examples)} examples of {data_path} were dropped by "
+                             f"--drop-overlong-prompts: every prompt fills --max-length={args.max_length} tokens; "
+                             "raise --max-length")
         report = ReferenceCache.build(loaded, directions, tokenized, parse_layers(args.layers, directions),
                                       args.max_length, args.out, storage_dtype=args.storage_dtype,
                                       batch_size=args.batch_size)

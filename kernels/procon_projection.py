@@ -136,12 +136,14 @@ def _acc_dtype(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _fwd_blocks(N: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps) for the forward: ~8K elements in flight per program."""
+def _fwd_blocks(N: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) for the forward: 8K elements in flight per program (4K for
+    fp64, whose accumulator takes twice the registers: 8K spills on sm_90)."""
     block_d = min(triton.next_power_of_2(D), 4096 if INTERPRET else 512)
     if INTERPRET:  # few, large programs: each interpreted program costs milliseconds
         return max(1, min(256, 65536 // block_d)), block_d, 4
-    block_n = max(1, min(64, 8192 // block_d))
+    tile = 4096 if dtype == torch.float64 else 8192
+    block_n = max(1, min(64, tile // block_d))
     return block_n, block_d, 4 if block_n * block_d <= 8192 else 8
 
 
@@ -170,7 +172,7 @@ def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: tor
     """
     N, D = hidden.shape
     acc_torch, acc_tl = _acc_dtype(hidden.dtype)
-    block_n, block_d, warps = _fwd_blocks(N, D)
+    block_n, block_d, warps = _fwd_blocks(N, D, hidden.dtype)
     programs = triton.cdiv(N, block_n)
     z = torch.empty(N, dtype=acc_torch, device=hidden.device)
     coef = torch.empty(N if need_grad else 0, dtype=acc_torch, device=hidden.device)

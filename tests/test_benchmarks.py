@@ -2,6 +2,8 @@
 speed: only that every case is measured, the numbers are well formed, the CPU memory measure
 sees what it should, and the report is drawn from the CSVs."""
 import csv
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +118,19 @@ def test_bad_arguments_are_refused():
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is for machines without a GPU")
+def test_gpu_check_smoke_runs_every_stage(tmp_path):
+    """The one script a GPU session runs, end to end at toy sizes (every stage but the CUDA tests
+    does real work here), so it cannot rot between GPU sessions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(FASTPROCON_GPU_CHECK_SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.split("gpu_check summary (cpu)")[-1]
+    for stage in ("GPU tests (kernels, trainer)", "API error tests", "bench_penalty", "bench_train", "report"):
+        assert re.search(rf"{re.escape(stage)}\s+ok\n", summary), (stage, summary)
+    assert {p.name for p in tmp_path.iterdir()} == {"penalty_cpu.csv", "train_cpu.csv", "penalty_cpu.png",
+                                                     "train_cpu.png", "README_perf.md", "gpu_check.log"}

@@ -257,3 +257,17 @@ def test_jsonl_line_numbers_ignore_unicode_line_separators(tmp_path):
     lines = [json.dumps({"prompt": "a\u2028b", "completion": "c"}, ensure_ascii=False), '{"prompt": "p"}']
     with pytest.raises(ValueError, match="u.jsonl line 2: missing field 'completion'"):
         load_examples(write_jsonl(tmp_path / "u.jsonl", lines))
+
+
+def test_non_utf8_file_names_the_file_and_a_bom_is_accepted(tmp_path):
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('[{"prompt": "caf\u00e9", "completion": "ok"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.json: not UTF-8 text \(.*can't decode byte 0xe9"):
+        load_examples(latin1)
+    with pytest.raises(ValueError, match="latin1.json: not UTF-8 text"):
+        load_instructions(latin1)
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([{"prompt": "p", "completion": "c"}]).encode())
+    (tmp_path / "bom.jsonl").write_bytes(bom + b'"first"\n"second"\n')
+    assert [(e.prompt, e.response) for e in load_examples(tmp_path / "bom.json")] == [("p", "c")]
+    assert load_instructions(tmp_path / "bom.jsonl") == ["first", "second"]

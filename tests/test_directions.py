@@ -19,7 +19,7 @@ from fastprocon.directions import (
     prompt_states,
     save_directions,
 )
-from fastprocon.drift import direction_cosines
+from fastprocon.drift import checkpoint_labels, direction_cosines
 from fastprocon.io import save_safetensors
 from fastprocon.models import load_model
 from fastprocon.prompts import encode_prompts, read_prompts
@@ -254,6 +254,46 @@ def test_drift_against_itself_and_a_perturbed_checkpoint(tiny, tiny_ds, tmp_path
     assert (out / "drift.png").is_file()
     with pytest.raises(ValueError, match="differ in shape"):
         direction_cosines(tiny_ds, DirectionSet(tiny_ds.directions[:2], tiny_ds.norms[:2], {}))
+
+
+def test_drift_default_labels_are_unique_path_suffixes():
+    assert checkpoint_labels(["runA/model", "runB/model", "tiny"]) == ["runA/model", "runB/model", "tiny"]
+    assert checkpoint_labels(["a/model", "b/a/model", "/x/y/"]) == ["a/model", "b/a/model", "y"]
+    assert checkpoint_labels(["a", "b"], ["one", "two"]) == ["one", "two"]
+    with pytest.raises(ValueError, match="--checkpoints lists 'run/model' more than once"):
+        checkpoint_labels(["run/model", "./run/model"])
+    with pytest.raises(ValueError, match=r"--labels must be unique .*\['x'\] repeated"):
+        checkpoint_labels(["a", "b"], ["x", "x"])
+    with pytest.raises(ValueError, match="1 --labels for 2 --checkpoints"):
+        checkpoint_labels(["a", "b"], ["x"])
+
+
+def test_drift_cli_keeps_checkpoints_with_the_same_directory_name(tiny, tiny_ds, tmp_path):
+    initial = tmp_path / "initial.safetensors"
+    save_directions(tiny_ds, initial)
+    for run in ("runA", "runB"):
+        tiny.model.save_pretrained(tmp_path / run / "model")
+        tiny.tokenizer.save_pretrained(tmp_path / run / "model")
+    out = tmp_path / "drift"
+    assert main(["drift", "--directions", str(initial), "--checkpoints", str(tmp_path / "runA" / "model"),
+                 str(tmp_path / "runB" / "model"), "--out", str(out)]) == 0
+    report = json.loads((out / "drift.json").read_text())
+    assert [entry["label"] for entry in report["checkpoints"]] == ["runA/model", "runB/model"]
+
+
+def test_directions_cli_checks_arguments_and_outputs_before_the_model(tmp_path, capsys):
+    harmful = tmp_path / "out" / "quality.json"   # an input the command would overwrite
+    harmful.parent.mkdir()
+    harmful.write_text('["a harmful request", "another one"]')
+    assert main(["directions", "--model", "tiny", "--harmful", str(harmful), "--out", str(harmful.parent)]) == 2
+    assert "quality.json is the same file as --harmful; refusing to overwrite an input" in capsys.readouterr().err
+    assert harmful.read_text() == '["a harmful request", "another one"]'
+    for option, value in (("--max-prompts", "-1"), ("--max-val-prompts", "-2"), ("--batch-size", "0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["directions", "--model", "tiny", option, value, "--out", str(tmp_path / "d")])
+        assert exit_info.value.code == 2 and f"argument {option}: must be an integer" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_prompts must be >= 0"):
+        read_prompts(None, "harmful", max_prompts=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,10 +148,34 @@ def test_eval_refusal_cli_with_steering(tiny, tmp_path):
     (["--steer", "add", "--directions", "DIRS"], "needs --layer"),
     (["--steer", "add", "--directions", "DIRS", "--layer", "0"], "needs --layer, one of the layers"),
 ])
-def test_eval_refusal_cli_errors(tiny, tmp_path, extra, message):
+def test_eval_refusal_cli_errors(tiny, tmp_path, capsys, extra, message):
     ds = extract_directions(tiny, ["a harmful request here"], ["a harmless question"], batch_size=1)
     directions = tmp_path / "d.safetensors"
     save_directions(ds, directions)
     extra = [str(directions) if arg == "DIRS" else arg for arg in extra]
-    with pytest.raises(ValueError, match=message):
-        main(["eval-refusal", "--model", "tiny", "--max-new-tokens", "1", "--out", str(tmp_path / "x.json"), *extra])
+    argv = ["eval-refusal", "--model", "tiny", "--max-new-tokens", "1", "--out", str(tmp_path / "x.json"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastprocon eval-refusal: error: ") and message in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_eval_refusal_cli_refuses_to_overwrite_its_input(tmp_path, capsys):
+    harmful = tmp_path / "x.json"
+    harmful.write_text('["a harmful request"]')
+    assert main(["eval-refusal", "--model", "tiny", "--harmful", str(harmful), "--out", str(harmful)]) == 2
+    assert "is the same file as --harmful; refusing to overwrite an input" in capsys.readouterr().err
+    assert harmful.read_text() == '["a harmful request"]'
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--coef", "nan", "argument --coef: must be a finite number, got 'nan'"),
+    ("--coef", "inf", "argument --coef: must be a finite number, got 'inf'"),
+    ("--max-prompts", "-1", "argument --max-prompts: must be an integer >= 0, got -1"),
+    ("--batch-size", "0", "argument --batch-size: must be an integer >= 1, got 0"),
+    ("--max-new-tokens", "0", "argument --max-new-tokens: must be an integer >= 1, got 0"),
+])
+def test_eval_refusal_cli_rejects_bad_numbers_while_parsing(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval-refusal", "--model", "tiny", option, value, "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """fastprocon.models: loading specs, errors, decoder layers, fingerprints."""
+import argparse
 import importlib.util
 import os
 import socket
@@ -51,6 +52,30 @@ def test_dtype_and_device_choice():
     loaded = load_model("tiny", dtype=torch.bfloat16, device="cpu")
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in loaded.model.parameters())
     assert models.default_attn_implementation(torch.device("cpu")) == "sdpa"
+
+
+def test_resolve_device_names_the_accepted_values():
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("foo", "cuda:x", "", "mps"):
+        with pytest.raises(ValueError, match=f"--device {name!r}.*use cpu, cuda, cuda:N or auto"):
+            models.resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:0 was asked for"):
+            models.resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("parse,text,ok", [
+    (models.positive_int, "3", 3), (models.positive_int, "0", None), (models.positive_int, "x", None),
+    (models.non_negative_int, "0", 0), (models.non_negative_int, "-1", None),
+    (models.finite_float, "-2.5", -2.5), (models.finite_float, "nan", None), (models.finite_float, "-inf", None),
+])
+def test_argument_types(parse, text, ok):
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be .*, got"):
+            parse(text)
+    else:
+        assert parse(text) == ok
 
 
 def test_decoder_layers_through_wrappers(tiny):

@@ -27,6 +27,7 @@ R = torch.randn(8)
     (dict(norm="l2"), ValueError, r"unknown norm 'l2'"),
     (dict(backend="cuda"), ValueError, r"unknown backend 'cuda'"),
     (dict(delta=-0.5), ValueError, r"delta must be a finite number >= 0, got -0.5"),
+    (dict(norm="huber", delta=0.0), ValueError, r"delta must be > 0 for norm='huber'"),
     (dict(scale=torch.ones(2)), ValueError, r"scale must be a Python number or a 0-d tensor, got shape \(2,\)"),
     (dict(scale="0.1"), TypeError, r"scale must be a Python number"),
     (dict(hidden="not a tensor"), TypeError, r"hidden must be a torch.Tensor, got str"),
@@ -61,3 +62,19 @@ def test_module_form():
     torch.testing.assert_close(module(H, z0, scale=2.0),
                                procon_penalty(H, R, z0, norm="huber", delta=0.5, scale=2.0))
     assert "D=8" in repr(module)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(direction=torch.zeros(8)), r"direction is all zeros"),
+    (dict(direction=torch.full((8,), float("inf"))), r"direction has non-finite values"),
+    (dict(direction=torch.randn(2, 8)), r"direction must be 1-D \[D\], got shape \(2, 8\)"),
+    (dict(norm="l3"), r"unknown norm 'l3'"),
+    (dict(norm="huber", delta=0.0), r"delta must be > 0 for norm='huber'"),
+    (dict(backend="gpu"), r"unknown backend 'gpu'"),
+])
+def test_module_checks_everything_at_construction(kwargs, match):
+    """The module's forward skips value checks (no host sync per call), so the constructor does them."""
+    kwargs = dict(kwargs)
+    direction = kwargs.pop("direction", R)
+    with pytest.raises(ValueError, match=match):
+        ProConPenalty(direction, **kwargs)

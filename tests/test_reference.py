@@ -197,7 +197,7 @@ def test_reference_cli(setup, tmp_path):
     assert len(cache) == len(tokenized) and cache.header["storage_dtype"] == "bf16"
 
 
-def test_reference_cli_overlong_prompts(setup, tmp_path):
+def test_reference_cli_overlong_prompts(setup, tmp_path, capsys):
     loaded, ds, _ = setup
     directions = tmp_path / "d.safetensors"
     save_directions(ds, directions)
@@ -206,9 +206,24 @@ def test_reference_cli_overlong_prompts(setup, tmp_path):
                                 {"instruction": "long " * 100, "output": "never seen"}]))
     args = ["reference", "--model", "tiny", "--directions", str(directions), "--data", str(data),
             "--max-length", "48", "--out", str(tmp_path / "z0.safetensors")]
-    with pytest.raises(ValueError, match=r"prompts of >= max_length=48.*--drop-overlong-prompts"):
-        main(args)
+    assert main(args) == 2
+    assert re.search(r"fastprocon reference: error: .*prompts of >= max_length=48.*--drop-overlong-prompts",
+                     capsys.readouterr().err)
     assert main(args + ["--drop-overlong-prompts"]) == 0
     cache = ReferenceCache.load(tmp_path / "z0.safetensors", model_fingerprint=None, directions_hash=None,
                                 dataset_hash=None, max_length=48, layers=None)
     assert len(cache) == 1
+
+
+def test_reference_cli_refuses_to_write_an_empty_cache(setup, tmp_path, capsys):
+    _, ds, _ = setup
+    directions = tmp_path / "d.safetensors"
+    save_directions(ds, directions)
+    out = tmp_path / "z0.safetensors"
+    assert main(["reference", "--model", "tiny", "--directions", str(directions), "--data", "benign",
+                 "--max-length", "20", "--drop-overlong-prompts", "--out", str(out)]) == 2
+    assert re.search(r"all 48 examples of .*benign.json were dropped by --drop-overlong-prompts.*"
+                     r"--max-length=20", capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="no samples to record"):
+        ReferenceCache.build(setup[0], ds, [], None, MAX_LENGTH, out, progress=False)

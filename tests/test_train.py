@@ -1,7 +1,8 @@
 """The trainer on the tiny model, single process: a CLI run and its run directory, ProCon's effect
 (measured), the warm-up switch, kill-and-resume equality, interrupted checkpoint writes,
 non-finite stops, LoRA with adapters-off references, activation checkpointing, bf16 mixed
-precision, and the errors for mismatched directions, reference caches, checkpoints and data."""
+precision, and the errors for mismatched directions, reference caches, checkpoints and data,
+corrupt checkpoints and metrics, missing explicit paths, a used or locked run directory."""
 import importlib.util
 import json
 
@@ -263,3 +264,144 @@ def test_overlong_prompts_are_an_error_or_dropped_on_request(tmp_path):
     result = run(tmp_path / "b", *common, "drop_overlong_prompts=true")
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["examples"] == 16 and summary["final_step"] == 1
+
+
+# -- resume and run-directory errors (schedule=off: no directions needed, a few seconds a run) ---
+
+def quick(run_dir, *extra):
+    return run(run_dir, "schedule=off", "max_steps=2", "checkpoint_every=1", *extra)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """2 steps of plain fine-tuning with checkpoints at 1 and 2; tests damage copies of it."""
+    run_dir = tmp_path_factory.mktemp("short")
+    quick(run_dir)
+    return run_dir
+
+
+def copy_of(run_dir, tmp_path):
+    import shutil
+    return shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+
+
+def test_resume_follows_the_lr_schedule_of_the_config(short_run, tmp_path, capsys):
+    from fastprocon.train.schedule import WarmupCosine
+    run_dir = copy_of(short_run, tmp_path)
+    capsys.readouterr()
+    quick(run_dir, "max_steps=4", "lr=1e-3")    # a longer run at another lr
+    out = capsys.readouterr().out
+    assert "LR schedule changed since step_000002 (lr 0.003 -> 0.001, total steps 2 -> 4)" in out
+    o = load_config("tiny").optim
+    schedule = WarmupCosine(o.lr_warmup_steps, 4, o.min_lr_ratio)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["lr"] for r in records[2:]] == pytest.approx([1e-3 * schedule(3), 1e-3 * schedule(4)], rel=1e-12)
+
+
+def test_resume_with_another_model_is_refused(short_run, tmp_path):
+    run_dir = copy_of(short_run, tmp_path)
+    fix = "use checkpoint.resume = 'never' and another run_dir"
+    with pytest.raises(ValueError, match=f"cannot resume from .*step_000002: it was trained with model.lora False, "
+                                         f"this config gives True; {fix}"):
+        quick(run_dir, "max_steps=3", "model.lora=true")
+    state_file = run_dir / "checkpoints" / "step_000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key, value, said in (("model_fingerprint", "0" * 64, "model fingerprint '0000"),
+                             ("model", "smollm2", "model 'smollm2', this config gives 'tiny'")):
+        state_file.write_text(json.dumps({**state, key: value}))
+        with pytest.raises(ValueError, match=f"it was trained with {said}"):
+            quick(run_dir, "max_steps=3")
+
+
+def test_a_refused_run_leaves_config_toml_alone(short_run, tmp_path):
+    run_dir = copy_of(short_run, tmp_path)
+    before = (run_dir / "config.toml").read_text()
+    with pytest.raises(ValueError, match="batch_size = 8, this config gives 4"):
+        quick(run_dir, "max_steps=3", "batch_size=4")
+    assert (run_dir / "config.toml").read_text() == before
+    quick(run_dir, "max_steps=3")
+    assert load_config(str(run_dir / "config.toml")).train.max_steps == 3
+
+
+def test_resume_never_in_a_used_run_dir_is_refused(short_run, tmp_path):
+    run_dir = copy_of(short_run, tmp_path)
+    before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"resume = 'never' but run directory .*run already holds a run: checkpoints "
+                                         r"\(newest .*step_000002\); pick another run_dir"):
+        quick(run_dir, "resume=never")
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text(before)
+    with pytest.raises(ValueError, match="already holds a run: .*metrics.jsonl"):
+        quick(tmp_path / "b", "resume=never")
+
+
+def test_half_written_metrics_line_is_dropped_on_resume(short_run, tmp_path, capsys):
+    run_dir = copy_of(short_run, tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "ce": 4.')   # a crash mid-append
+    quick(run_dir, "max_steps=3")
+    assert "dropped the incomplete last line of" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        quick(run_dir, "max_steps=4")
+
+
+def truncate_shard(ckpt):
+    shard = next(ckpt.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage,said", [
+    (truncate_shard, "EOFError"),
+    (lambda c: (c / ".metadata").unlink(), "metadata"),
+    (lambda c: (c / "trainer_state.json").write_text("{"), "trainer_state.json: JSONDecodeError"),
+    (lambda c: (c / "rng_rank0.pt").write_bytes(b"garbage"), "rng_rank0.pt"),
+])
+def test_a_corrupt_checkpoint_names_itself_and_the_previous_one(short_run, tmp_path, damage, said):
+    run_dir = copy_of(short_run, tmp_path)
+    damage(run_dir / "checkpoints" / "step_000002")
+    with pytest.raises(checkpoint_module.CheckpointError,
+                       match=rf"checkpoint .*step_000002 is unreadable \(.*{said}.*\); to resume from the previous "
+                             rf"complete checkpoint set checkpoint.resume = '.*step_000001'"):
+        quick(run_dir, "max_steps=3")
+    result = quick(run_dir, "max_steps=3", f"resume={run_dir / 'checkpoints' / 'step_000001'}")
+    assert result.start_step == 1 and [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_an_empty_latest_pointer_is_a_clear_error(short_run, tmp_path):
+    run_dir = copy_of(short_run, tmp_path)
+    (run_dir / "checkpoints" / "latest").write_text("")
+    with pytest.raises(checkpoint_module.CheckpointError,
+                       match=r"latest is empty .*checkpoint.resume = '.*step_000002'"):
+        quick(run_dir, "max_steps=3")
+
+
+def test_explicit_directions_or_reference_paths_must_exist(base_run, tmp_path):
+    typo = tmp_path / "typo.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"procon.directions = {typo} does not exist; leave it empty to make "
+                                                "directions in the run directory"):
+        run(tmp_path / "a", f"procon.directions={typo}", "max_steps=1")
+    with pytest.raises(FileNotFoundError, match=f"procon.reference_cache = {typo} does not exist"):
+        run(tmp_path / "b", f"procon.directions={base_run / 'directions.safetensors'}",
+            f"procon.reference_cache={typo}", "max_steps=1")
+    assert not typo.exists() and not list((tmp_path / "a").glob("*.safetensors"))
+
+
+def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path):
+    import fcntl
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a") as held:   # another run holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match=rf"run directory {run_dir} is in use \(lock {run_dir / '.lock'}"):
+            quick(run_dir)
+        assert not (run_dir / "config.toml").exists()
+    with pytest.raises(FileNotFoundError, match="data file not found"):   # a failed run releases the lock ...
+        quick(run_dir, f"data.train={tmp_path / 'nope.json'}")
+    with open(run_dir / ".lock", "a") as mine:
+        fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)      # ... so it is free now

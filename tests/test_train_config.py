@@ -176,3 +176,18 @@ def test_loss_normalisers():
     # 3 response tokens at input positions; the first position is never predicted
     assert example_counts(TokenizedExample("a", [5, 6, 7, 8], [-100, 6, 7, 8])) == (3, 3)
     assert example_counts(TokenizedExample("b", [5, 6, 7], [5, 6, -100])) == (1, 2)
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("procon", "alpha", math.nan, "procon.alpha = nan: must be a finite number"),
+    ("train", "micro_batch_size", 0, "train.micro_batch_size = 0"),
+    ("procon", "norm", "l3", "procon.norm = 'l3': expected one of"),
+    ("checkpoint", "keep_checkpoints", 0, "checkpoint.keep_checkpoints = 0: must be >= 1"),
+])
+def test_train_validates_a_config_edited_after_loading(tmp_path, section, key, value, match):
+    from fastprocon.train import train
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "schedule=off", "max_steps=1", "export=false"])
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    assert not (tmp_path / "run").exists()   # refused before anything was written

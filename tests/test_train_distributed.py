@@ -1,6 +1,7 @@
 """The trainer under torchrun: 2 processes with FSDP2 on gloo through the CLI, resuming that run
 on 1 process (DCP resharding), and gradients that do not depend on the process count or the
-micro-batch split (1 process x 2 micro-batches == 2 processes x 1 micro-batch).
+micro-batch split (1 process x 2 micro-batches == 2 processes x 1 micro-batch), and the run
+directory lock under torchrun.
 
 Run as a script (under torchrun) this file is the gradient worker of the invariance test.
 """
@@ -24,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, nproc=2, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -37,6 +38,8 @@ def torchrun(*args, nproc=2):
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} timed out:\n{out[-3000:]}\n{err[-6000:]}")
+    if not check:
+        return proc.returncode, out, err
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}\n{err[-6000:]}"
     return out
 
@@ -82,6 +85,18 @@ def test_resume_on_one_process_from_a_two_process_checkpoint(two_proc_run, tmp_p
         assert g["lr"] == pytest.approx(w["lr"], rel=1e-12)
         for key in ("ce", "procon"):
             assert g[key] == pytest.approx(w[key], rel=1e-3), (key, g["step"])
+
+
+def test_a_locked_run_directory_stops_every_process_at_once(tmp_path):
+    """Only rank 0 takes the lock; rank 1 learns of the refusal instead of waiting in a collective."""
+    import fcntl
+    with open(tmp_path / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, out, err = torchrun("-m", "fastprocon.cli", "train", "--config", "tiny",
+                                *overrides(tmp_path, "schedule=off"), check=False)
+    assert rc != 0
+    assert err.count(f"run directory {tmp_path} is in use") >= 2, err[-3000:]   # raised on both ranks
+    assert not (tmp_path / "config.toml").exists()
 
 
 GRAD_OVERRIDES = ["schedule=constant", "alpha=1.0", "norm=l2sq", "micro_batch_size=4", "batch_size=8",

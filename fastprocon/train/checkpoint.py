@@ -10,9 +10,13 @@ A checkpoint is written into ``.tmp-step_000020`` by every process, then renamed
 by rank 0, and only then is ``latest`` replaced (atomically). A crash at any moment leaves
 ``latest`` naming a complete checkpoint; leftover ``.tmp-*`` directories are removed at the
 next start. DCP reshards on load, so a run may resume on a different number of processes.
+A checkpoint is resumed only when its model and batch plan match the config (checked from
+trainer_state.json before anything is loaded); an unreadable one is an error naming it and the
+previous complete checkpoint. ``<run dir>/.lock`` (:class:`RunLock`) keeps a second run out.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -21,17 +25,63 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
 from fastprocon.io import atomic_path
-from fastprocon.train.distributed import DistContext, barrier, broadcast_object
+from fastprocon.train.distributed import DistContext, barrier, broadcast_object, on_main
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"
+# trainer-state keys that must match this config to resume (the batch plan and the model)
+_DATA_KEYS = ("dataset_hash", "batch_size", "seed")
+_MODEL_KEYS = {"model": "model", "model_fingerprint": "model fingerprint", "lora": "model.lora"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names it and the checkpoint to use instead."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/.lock``, held by rank 0 for the whole run, so a
+    second run in the same directory fails at once instead of mixing checkpoints and metrics.
+    :meth:`acquire` is collective (every rank learns whether rank 0 got it)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> None:
+        on_main(self._take)
+
+    def _take(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise RuntimeError(f"run directory {self.path.parent} is in use (lock {self.path}"
+                               f"{', held by process ' + holder if holder else ''}); wait for that run to end "
+                               "or use another run_dir") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it); a no-op when not held."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def step_dir_name(step: int) -> str:
@@ -74,11 +124,39 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        target = self.root / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not name:
+            raise CheckpointError(f"{pointer} is empty (an interrupted write?); {_way_out(self.root, None)}")
+        target = self.root / name
         if not (target / STATE_FILE).is_file():
             raise FileNotFoundError(f"{pointer} names {target.name}, which is missing or incomplete "
-                                    f"(no {STATE_FILE}); remove {pointer} to start over")
+                                    f"(no {STATE_FILE}); {_way_out(self.root, target)}")
         return target
+
+    def plan_resume(self, choice: str, model: dict, data: dict) -> tuple[Path, dict] | None:
+        """(checkpoint, its trainer state) to resume from for ``checkpoint.resume = choice``, checked
+        against this run's ``model`` and ``data`` identity (see :func:`check_resumable`) before
+        anything is loaded; None = a fresh start. Run on rank 0 (reads files only)."""
+        if choice == "never":
+            self._refuse_existing_run()
+            return None
+        path = self.latest() if choice == "auto" else Path(choice)
+        if path is None:
+            return None
+        state = read_state(path)
+        check_resumable(path, state, model, data)
+        return path, state
+
+    def _refuse_existing_run(self) -> None:
+        """resume = 'never' in a directory that already holds a run would wipe its metrics and mix
+        its checkpoints with the new ones (and pruning would delete the wrong ones)."""
+        run_dir = self.root.parent
+        steps = sorted(self.root.glob("step_*")) if self.root.is_dir() else []
+        metrics = run_dir / "metrics.jsonl"
+        if steps or (self.root / LATEST).is_file() or metrics.is_file():
+            what = f"checkpoints (newest {steps[-1]})" if steps else str(metrics if metrics.is_file() else self.root)
+            raise ValueError(f"checkpoint.resume = 'never' but run directory {run_dir} already holds a run: {what}; "
+                             f"pick another run_dir, or remove {run_dir} to start over there")
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
         """Write checkpoint ``step``: model and optimizer (sharded), ``trainer_state`` (JSON-able
@@ -119,21 +197,95 @@ class CheckpointManager:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load model and optimizer from checkpoint ``path`` in place (resharding as needed),
-        restore this rank's RNG when the process count is the same; returns the trainer state."""
+    def load(self, path: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Load model and optimizer from checkpoint ``path`` in place (resharding as needed) and
+        restore this rank's RNG when the process count is the same (``state``: its trainer state,
+        from :func:`read_state`). Any failure, on any rank, is a :class:`CheckpointError` naming
+        ``path`` on every rank."""
         path = Path(path)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-        state = json.loads((path / STATE_FILE).read_text())
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        rng_file = path / f"rng_rank{self.ctx.rank}.pt"
-        if state.get("world_size") == self.ctx.world_size and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return state
+        error = None
+        try:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            sd = {"model": model_sd, "optim": optim_sd}
+            dcp.load(sd, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            rng_file = path / f"rng_rank{self.ctx.rank}.pt"
+            if state.get("world_size") == self.ctx.world_size and rng_file.is_file():
+                try:
+                    set_rng_state(torch.load(rng_file, weights_only=False))
+                except Exception as err:
+                    raise ValueError(f"{rng_file.name}: {err}") from err
+        except (Exception, CheckpointException) as err:   # DCP's error is a BaseException
+            error = _first_line(err)
+        errors = [error] * self.ctx.world_size
+        if self.ctx.world_size > 1:   # the RNG file is per rank: every rank learns of any failure
+            dist.all_gather_object(errors, error)
+        bad = next((e for e in errors if e is not None), None)
+        if bad is not None:
+            raise CheckpointError(_unreadable(path, bad))
+
+
+def read_state(path: Path) -> dict:
+    """The trainer state of checkpoint ``path``: a :class:`CheckpointError` naming the checkpoint
+    (and the one to use instead) when it is missing or unreadable."""
+    path = Path(path)
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(_unreadable(path, f"no {STATE_FILE}: not a complete checkpoint"))
+    try:
+        state = json.loads(file.read_text())
+        for key in ("step", "scheduler", "data", "world_size"):
+            state[key]   # noqa: B018 (a KeyError/TypeError names a missing key)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(_unreadable(path, f"{STATE_FILE}: {type(err).__name__}: {err}")) from err
+    return state
+
+
+def check_resumable(path: Path, state: dict, model: dict, data: dict) -> None:
+    """ValueError unless checkpoint ``path`` (trainer ``state``) was trained with this ``model``
+    identity (spec, fingerprint, LoRA; keys an older checkpoint lacks are not compared) and the
+    same batch plan (``data``: dataset hash, batch size, seed)."""
+    fix = "use checkpoint.resume = 'never' and another run_dir"
+    for key, label in _MODEL_KEYS.items():
+        if key in state and state[key] != model[key]:
+            raise ValueError(f"cannot resume from {path}: it was trained with {label} {state[key]!r}, this config "
+                             f"gives {model[key]!r}; {fix}")
+    for key in _DATA_KEYS:
+        if state["data"].get(key) != data[key]:
+            raise ValueError(f"cannot resume from {path}: it was trained with {key} = {state['data'].get(key)!r}, "
+                             f"this config gives {data[key]!r} (the data order would differ); {fix}")
+
+
+def _previous_complete(path: Path) -> Path | None:
+    """The newest complete checkpoint next to ``path`` and older than it."""
+    older = [p for p in Path(path).parent.glob("step_*") if p.name < Path(path).name and (p / STATE_FILE).is_file()]
+    return max(older, default=None)
+
+
+def _way_out(root: Path, broken: Path | None) -> str:
+    """What to do about an unusable checkpoint (``broken``, or None: the newest one in ``root``)."""
+    prev = _previous_complete(broken) if broken is not None else max(
+        (p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), default=None)
+    if prev is not None:
+        which = "previous" if broken is not None else "newest"
+        return f"to resume from the {which} complete checkpoint set checkpoint.resume = '{prev}'"
+    return f"there is no earlier complete checkpoint: remove {root} to start over, or use another run_dir"
+
+
+def _unreadable(path: Path, why: str) -> str:
+    return f"checkpoint {path} is unreadable ({why}); {_way_out(Path(path).parent, path)}"
+
+
+def _first_line(err: BaseException) -> str:
+    """A short form of ``err`` (DCP's errors carry whole tracebacks of every rank)."""
+    if isinstance(err, CheckpointException) and err.failures:   # {rank: (exception, traceback)}
+        first = next(iter(err.failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 2:   # a traceback dump: its last line is the real error
+        text = f"{lines[0]} ... {lines[-1]}"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def full_model_state_dict(model: nn.Module) -> dict:

@@ -54,12 +54,12 @@ class ProConConfig:
     delta: float = 1.0                     # huber delta
     reduction: str = "sample"              # "sample": mean over samples (paper); "token": mean over tokens
     backend: str = "auto"                  # penalty backend: "auto", "triton", "torch", "reference"
-    directions: str = ""                   # directions file; "" = <run dir>/directions.safetensors
+    directions: str = ""                   # an existing directions file; "" = <run dir>/directions.safetensors
     harmful: str = "harmful"               # prompts for making directions when the file is absent
     harmless: str = "harmless"
     direction_batch_size: int = 16
     reference: str = "cache"               # z0 from "cache" or computed with LoRA "adapters_off"
-    reference_cache: str = ""              # "" = <run dir>/reference.safetensors
+    reference_cache: str = ""              # an existing cache file; "" = <run dir>/reference.safetensors
     reference_dtype: str = "fp32"          # cache storage: "fp32" or "bf16"
 
 

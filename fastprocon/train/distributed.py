@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,27 @@ def broadcast_object(obj, src: int = 0):
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn):
+    """``fn()`` run on rank 0 only; its result on every process, or its exception raised on every
+    process (a check that fails on rank 0 then stops all ranks instead of leaving them waiting in
+    the next collective)."""
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = (True, fn())
+        except Exception as err:
+            outcome = (False, err)
+            if dist.get_world_size() > 1:
+                try:
+                    pickle.dumps(err)
+                except Exception:   # an exception that cannot travel: send its text
+                    outcome = (False, RuntimeError(f"{type(err).__name__}: {err}"))
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value
 
 
 def apply_activation_checkpointing(layers: nn.ModuleList) -> None:

@@ -90,14 +90,32 @@ class MetricsLog:
                 self.tensorboard_note = "train.tensorboard = true but tensorboard is not installed " \
                                         "(pip install tensorboard); logging to metrics.jsonl only"
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines with step > ``step`` (written after the checkpoint a run resumes from)."""
+    def truncate_after(self, step: int) -> str | None:
+        """Drop lines with step > ``step`` (written after the checkpoint a run resumes from).
+
+        A half-written last line (a crash mid-append) is dropped too, and a warning returned; a
+        line elsewhere that is not JSON is a ValueError naming the file and line."""
         if not (self.enabled and self.path.is_file()):
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+            return None
+        lines = self.path.read_text().splitlines()
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        kept, note = [], None
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                if i == last:
+                    note = f"dropped the incomplete last line of {self.path} (line {i + 1}, an interrupted write)"
+                    continue
+                raise ValueError(f"{self.path} line {i + 1} is not valid JSON ({err}); fix or remove that line, "
+                                 "then resume again") from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
         with atomic_path(self.path) as tmp:
             Path(tmp).write_text("".join(line + "\n" for line in kept))
+        return note
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -76,8 +76,16 @@ def load_training_data(cfg: Config, tokenizer) -> TrainingData:
 def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir: Path, ctx: DistContext,
                    say: Callable[[str], None]) -> ProConInputs:
     """Directions and reference cache for this model and data: loaded and checked when their
-    files exist, else made (and saved) first."""
+    files exist, else made (and saved) first; only the default paths in ``run_dir`` are made, an
+    explicit procon.directions / procon.reference_cache must exist."""
     p = cfg.procon
+    # only the default paths in the run directory are made when absent: an explicit path that does
+    # not exist is most likely a typo, and making new directions there would hide it
+    for key, value, what in (("directions", p.directions, "directions"),
+                             ("reference_cache", p.reference_cache if p.reference == "cache" else "", "z0")):
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"procon.{key} = {value} does not exist; leave it empty to make {what} in the "
+                                    "run directory")
     directions_path = Path(p.directions) if p.directions else run_dir / "directions.safetensors"
     # rank 0 decides for everyone: a rank that looked later could see rank 0's new file
     if broadcast_object(not directions_path.exists()):

@@ -23,17 +23,17 @@ from tqdm.auto import tqdm
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.hooks import ProConHooks, stack_recorded
 from fastprocon.models import decoder_layers, hidden_size, load_model, num_layers
-from fastprocon.io import write_json
+from fastprocon.io import atomic_path, write_json
 from fastprocon.train import distributed as D
 from fastprocon.train.batches import StepBatches
-from fastprocon.train.checkpoint import CheckpointManager, full_model_state_dict
-from fastprocon.train.config import Config, to_toml
+from fastprocon.train.checkpoint import CheckpointManager, RunLock, full_model_state_dict
+from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.export import export_model
 from fastprocon.train.loss import ce_sum, example_counts, procon_scale, shift_labels
 from fastprocon.train.metrics import (MetricsLog, count_params, flops_per_token, peak_flops, peak_memory_gib,
                                       reset_peak_memory)
 from fastprocon.train.prepare import apply_lora, load_training_data, prepare_procon, run_dir_of
-from fastprocon.train.schedule import AlphaSchedule, WarmupCosine
+from fastprocon.train.schedule import AlphaSchedule, WarmupCosine, follow_config
 
 _NO_BAD_STEP = 2**62
 
@@ -65,17 +65,17 @@ class Trainer:
     :func:`train`), then :meth:`fit` runs the loop."""
 
     def __init__(self, cfg: Config, ctx: D.DistContext):
+        validate(cfg)   # a Config edited after load_config gets load_config's checks and messages
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = run_dir_of(cfg)
         self.say(f"run directory {self.run_dir} ({ctx.world_size} process(es) on {ctx.device.type})")
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
         D.barrier()
         torch.manual_seed(cfg.train.seed)
 
         loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device)
-        self.model_name = loaded.name
+        self.model_name, self.model_fingerprint = loaded.name, loaded.fingerprint
         self.data = load_training_data(cfg, loaded.tokenizer)
         self.say(f"model {loaded.name}: {num_layers(loaded.model)} layers, hidden {hidden_size(loaded.model)}; "
                  f"data: {len(self.data.examples)} examples ({self.data.n_primary} from {cfg.data.train}"
@@ -83,6 +83,8 @@ class Trainer:
         self.batches = StepBatches(self.data.examples, batch_size=cfg.train.batch_size,
                                    micro_batch_size=cfg.train.micro_batch_size, world_size=ctx.world_size,
                                    rank=ctx.rank, seed=cfg.train.seed, pad_id=loaded.tokenizer.pad_token_id)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_checkpoints)
+        self._resume_from = self._plan_resume()   # before directions are made or anything is loaded
         spe = self.batches.steps_per_epoch
         self.max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * spe))
         self.alpha = AlphaSchedule(cfg.procon, spe)
@@ -110,7 +112,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(o.lr_warmup_steps, self.max_steps, o.min_lr_ratio))
         self.params = params
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_checkpoints)
         self.metrics = MetricsLog(self.run_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)
         if self.metrics.tensorboard_note:
             self.say(self.metrics.tensorboard_note)
@@ -234,37 +235,48 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def _trainer_state(self, step: int) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "data": {
-            **self.batches.position(step), "dataset_hash": self.data.hash, "batch_size": self.cfg.train.batch_size,
-            "seed": self.cfg.train.seed}, "model": self.model_name}
+    def _identity(self) -> tuple[dict, dict]:
+        """(model, data) identity a checkpoint must match to be resumed (see checkpoint.check_resumable)."""
+        t = self.cfg.train
+        return ({"model": self.model_name, "model_fingerprint": self.model_fingerprint, "lora": self.cfg.model.lora},
+                {"dataset_hash": self.data.hash, "batch_size": t.batch_size, "seed": t.seed})
 
-    def _resume(self) -> int:
+    def _trainer_state(self, step: int) -> dict:
+        model, data = self._identity()
+        return {"scheduler": self.scheduler.state_dict(), "data": {**self.batches.position(step), **data}, **model}
+
+    def _plan_resume(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its trainer state, checked against this config on
+        rank 0 (every rank gets rank 0's answer, or its error); None = a fresh start."""
         removed = self.ckpt.clean_partial()
         if removed:
             self.say(f"removed incomplete checkpoint(s) {', '.join(removed)} left by an interrupted save")
-        choice = self.cfg.checkpoint.resume
-        path = None if choice == "never" else self.ckpt.latest() if choice == "auto" else Path(choice)
-        path = D.broadcast_object(path)   # rank 0's view, so every rank loads the same checkpoint
-        if path is None:
-            self.metrics.truncate_after(0)
+        return D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity()))
+
+    def _resume(self) -> int:
+        if self._resume_from is None:
+            D.on_main(lambda: self.metrics.truncate_after(0))
             return 0
-        state = self.ckpt.load(path, self.model, self.optimizer)
-        data = state["data"]
-        for key, now in (("dataset_hash", self.data.hash), ("batch_size", self.cfg.train.batch_size),
-                         ("seed", self.cfg.train.seed)):
-            if data.get(key) != now:
-                raise ValueError(f"cannot resume from {path}: it was trained with {key} = {data.get(key)!r}, this "
-                                 f"config gives {now!r} (the data order would differ); use checkpoint.resume = 'never' "
-                                 "or another run directory")
+        path, state = self._resume_from
+        self.ckpt.load(path, state, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.metrics.truncate_after(state["step"])
+        o = self.cfg.optim
+        changes = follow_config(self.scheduler, o.lr, WarmupCosine(o.lr_warmup_steps, self.max_steps, o.min_lr_ratio))
+        if changes:
+            self.say(f"LR schedule changed since {path.name} ({', '.join(changes)}): following the config from "
+                     f"step {state['step']} (lr now {self.scheduler.get_last_lr()[0]:g})")
+        note = D.on_main(lambda: self.metrics.truncate_after(state["step"]))
+        if note:
+            self.say(f"warning: {note}")
         self.say(f"resumed from {path} at step {state['step']} (saved by {state['world_size']} process(es))")
         return state["step"]
 
     def fit(self) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
         start = self._resume()
+        if self.ctx.is_main:   # only now: a run refused by the checks above leaves the record as it was
+            with atomic_path(self.run_dir / "config.toml") as tmp:
+                Path(tmp).write_text(to_toml(cfg))
         written = []
         every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
         hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()
@@ -300,19 +312,24 @@ class Trainer:
 
 def train(cfg: Config) -> TrainResult:
     """Run training for ``cfg`` (single process, or under torchrun). Writes the run directory:
-    config.toml, metrics.jsonl, checkpoints/, model/ (the export), summary.json."""
+    config.toml, metrics.jsonl, checkpoints/, model/ (the export), summary.json; holds its .lock
+    for the whole run (a second run there fails at once)."""
+    validate(cfg)   # before the process group: a bad Config edited after load_config fails up front
     ctx = D.init_distributed(cfg.model.device)
-    trainer = None
+    trainer, lock = None, RunLock(run_dir_of(cfg))
     try:
+        lock.acquire()                 # rank 0 holds <run dir>/.lock until the run ends
         trainer = Trainer(cfg, ctx)
         result = trainer.fit()
         if ctx.is_main:
             write_json(result.run_dir / "summary.json", summary_of(result, trainer))
     except BaseException:
         del trainer
+        lock.release()
         D.shutdown(ctx, clean=False)   # no barrier: the other processes may be stuck elsewhere
         raise
     del trainer                        # the FSDP model goes before the group (see D.shutdown)
+    lock.release()
     D.shutdown(ctx)
     return result
 
