@@ -159,15 +159,17 @@ def load_directions(path: str | os.PathLike, *, expect_fingerprint: str | None =
             raise ValueError(f"{path}: no '{name}' tensor in the directions file (found {sorted(tensors)})")
     ds = DirectionSet(tensors["directions"].float(), tensors["norms"].float(), meta)
     _check_direction_set(ds, str(path))
+    # Shapes first: "4 layers x 64, the model has 2 x 32" says more than two fingerprints.
+    if expect_layers is not None and ds.num_layers != expect_layers:
+        raise ValueError(f"{path}: {ds.num_layers} directions (layers) but the model has {expect_layers} layers "
+                         f"(file made from model {meta.get('model')!r})")
+    if expect_hidden is not None and ds.hidden_size != expect_hidden:
+        raise ValueError(f"{path}: directions have length {ds.hidden_size} but the model's hidden size is "
+                         f"{expect_hidden} (file made from model {meta.get('model')!r})")
     if expect_fingerprint is not None and meta.get("fingerprint") != expect_fingerprint:
         raise ValueError(
             f"{path}: directions were extracted from another model: file has model {meta.get('model')!r} "
             f"fingerprint {meta.get('fingerprint')}, the loaded model has fingerprint {expect_fingerprint}")
-    if expect_layers is not None and ds.num_layers != expect_layers:
-        raise ValueError(f"{path}: {ds.num_layers} directions (layers) but the model has {expect_layers} layers")
-    if expect_hidden is not None and ds.hidden_size != expect_hidden:
-        raise ValueError(f"{path}: directions have length {ds.hidden_size} but the model's hidden size is "
-                         f"{expect_hidden}")
     return ds
 
 

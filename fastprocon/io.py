@@ -106,6 +106,8 @@ def read_safetensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torc
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a {kind} file")
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
     try:

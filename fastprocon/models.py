@@ -270,8 +270,12 @@ def _build_tiny(attn: str):
 def _load_hf_dir(path: Path, attn: str, dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as err:  # noqa: BLE001  (safetensors/transformers raise many types for a bad directory)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the model in {path}: {type(err).__name__}: {first}") from err
     return model, tokenizer
 
 

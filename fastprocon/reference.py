@@ -112,8 +112,10 @@ class ReferenceCache:
         mismatch (naming the field, the expected and the found value).
         """
         z0, offsets, ids, header = read_cache_file(path)
+        # max_length before dataset_hash: a different max_length also changes the hash, and
+        # "max_length expected 128, found 100" says what to fix where two hashes would not.
         expected = {"model_fingerprint": model_fingerprint, "directions_hash": directions_hash,
-                    "dataset_hash": dataset_hash, "max_length": max_length,
+                    "max_length": max_length, "dataset_hash": dataset_hash,
                     "layers": None if layers is None else [int(l) for l in layers]}
         for name, want in expected.items():
             if want is not None and header.get(name) != want:

@@ -101,8 +101,12 @@ def test_load_errors(tiny, tiny_ds, tmp_path):
         load_directions(path, expect_hidden=32)
     with pytest.raises(ValueError, match="model has 5 layers"):
         load_directions(path, expect_layers=5)
+    with pytest.raises(ValueError, match="hidden size is 32"):   # shapes are named before the fingerprint
+        load_directions(path, expect_hidden=32, expect_fingerprint="0" * 64)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_directions(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="is a directory; expected a"):
+        load_directions(tmp_path)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="not a readable safetensors file"):

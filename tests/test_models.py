@@ -157,6 +157,15 @@ def test_bad_specs(spec, error, match, monkeypatch):
         load_model(spec)
 
 
+def test_damaged_model_directory_names_itself(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=f"cannot load the model in {tmp_path}: "):
+        load_model(str(tmp_path))
+
+
 def test_dir_without_config_and_non_gguf_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="directory without config.json"):
         load_model(str(tmp_path))

@@ -90,6 +90,13 @@ def test_load_rejects_each_mismatched_field(setup, cache_file, field, value):
         _load(cache_file, loaded, ds, tokenized, **{field: value})
 
 
+def test_a_max_length_mismatch_is_named_before_the_data_hash(setup, cache_file):
+    """Another max_length also changes the data hash: the message names the setting to fix."""
+    loaded, ds, tokenized = setup
+    with pytest.raises(ValueError, match=re.escape("max_length expected 64, found")):
+        _load(cache_file, loaded, ds, tokenized, max_length=64, dataset_hash="a" * 64)
+
+
 def test_load_missing_corrupt_and_wrong_kind_files(setup, cache_file, tmp_path):
     loaded, ds, tokenized = setup
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):

@@ -229,8 +229,10 @@ def test_directions_from_another_model_are_refused(base_run, tmp_path):
 
 
 def test_reference_cache_for_other_data_is_refused(base_run, tmp_path):
-    with pytest.raises(ValueError, match="reference cache .* does not match: dataset_hash"):
+    with pytest.raises(ValueError, match="reference cache .* does not match: max_length expected 100, found 128"):
         run(tmp_path, "max_length=100", assets=base_run)
+    with pytest.raises(ValueError, match="reference cache .* does not match: dataset_hash"):
+        run(tmp_path / "seed", "seed=1", "safety_samples=8", assets=base_run)
 
 
 def test_resume_with_another_batch_plan_is_refused(base_run, tmp_path):
@@ -405,3 +407,10 @@ def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path):
         quick(run_dir, f"data.train={tmp_path / 'nope.json'}")
     with open(run_dir / ".lock", "a") as mine:
         fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)      # ... so it is free now
+
+
+def test_triton_backend_on_cpu_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the tests' interpreter would make it runnable
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
+        run(tmp_path, "procon.backend=triton")
+    assert not (tmp_path / "directions.safetensors").exists()

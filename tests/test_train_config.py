@@ -49,6 +49,7 @@ BAD_FILES = [
     ("[procon]\nlayers = [1, 'a']\n", TypeError, "procon.layers must be str or list of int"),
     ("[model\n", ValueError, "invalid TOML"),
     ("model = 3\n", ValueError, r"\[model\] must be a table"),
+    ("alpha = 0.1\n[procon]\nnorm = 'l1'\n", ValueError, r"alpha = 0.1 is outside any section; put it under \[procon\]"),
 ]
 
 
@@ -87,6 +88,7 @@ BAD_OVERRIDES = [
     ("log_every=0", ValueError, "train.log_every"),
     ("keep_checkpoints=0", ValueError, "checkpoint.keep_checkpoints"),
     ("name=a/b", ValueError, "train.name"),
+    ("name=..", ValueError, "train.name"),
     ("beta2=1.0", ValueError, "optim.beta2"),
     ("safety_samples=-1", ValueError, "data.safety_samples"),
 ]
@@ -96,6 +98,11 @@ BAD_OVERRIDES = [
 def test_bad_override(item, error, match):
     with pytest.raises(error, match=match):
         load_config("tiny", ["micro_batch_size=4", item])
+
+
+def test_overrides_must_be_a_list():
+    with pytest.raises(TypeError, match=r"overrides must be a list of 'key=value' strings, got the string 'alpha=0.5'"):
+        load_config("tiny", "alpha=0.5")
 
 
 def test_warmup_needs_one_length():

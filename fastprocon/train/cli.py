@@ -85,5 +85,6 @@ def _report(result) -> None:
     if result.checkpoint:
         lines.append(f"checkpoint:    {result.checkpoint}")
     if result.export_dir:
-        lines.append(f"exported model: {result.export_dir}  (Hugging Face format, with directions.safetensors)")
+        extra = ", with directions.safetensors" if (result.export_dir / "directions.safetensors").exists() else ""
+        lines.append(f"exported model: {result.export_dir}  (Hugging Face format{extra})")
     print("\n".join(lines))

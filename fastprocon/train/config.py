@@ -206,7 +206,10 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
     Raises FileNotFoundError (no such file), ValueError (TOML syntax, unknown section or key,
     a bad override or value) or TypeError (a value of the wrong type).
     """
+    if isinstance(overrides, str):   # a lone "alpha=0.5" would otherwise be read character by character
+        raise TypeError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
     cfg = Config()
+    index = _key_index()
     if path is not None:
         file = resolve_config_path(path)
         try:
@@ -214,13 +217,15 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{file}: invalid TOML: {err}") from None
         for section, table in data.items():
+            if section not in SECTIONS and not isinstance(table, dict) and section in index:
+                raise ValueError(f"{file}: {section} = {table!r} is outside any section; put it under "
+                                 f"[{index[section]}]")
             if section not in SECTIONS:
                 raise ValueError(f"{file}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}")
             if not isinstance(table, dict):
                 raise ValueError(f"{file}: [{section}] must be a table of keys, got {table!r}")
             for key, value in table.items():
                 _set(cfg, section, key, value, str(file))
-    index = _key_index()
     for item in overrides:
         where = f"override {item!r}"
         key, sep, text = item.partition("=")
@@ -289,7 +294,8 @@ def validate(cfg: Config) -> None:
     need(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps", ">= 0")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]")
     need(finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 = no clipping)")
-    need(bool(t.name) and "/" not in t.name, "train.name", "a non-empty name without '/'")
+    need(bool(t.name) and "/" not in t.name and t.name not in (".", ".."), "train.name",
+         "a non-empty name without '/' (and not '.' or '..')")
     need(t.max_steps >= 0, "train.max_steps", ">= 0")
     need(finite(t.epochs) and (t.epochs > 0 or t.max_steps > 0), "train.epochs", "> 0 when max_steps = 0")
     need(t.batch_size >= 1, "train.batch_size", ">= 1")

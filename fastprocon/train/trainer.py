@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.hooks import ProConHooks, stack_recorded
 from fastprocon.models import decoder_layers, hidden_size, load_model, num_layers
+from fastprocon.penalty import resolve_backend
 from fastprocon.io import atomic_path, write_json
 from fastprocon.train import distributed as D
 from fastprocon.train.batches import StepBatches
@@ -66,6 +67,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, ctx: D.DistContext):
         validate(cfg)   # a Config edited after load_config gets load_config's checks and messages
+        # a backend this device cannot run (triton on CPU) fails now, not at step 1 after the set-up
+        resolve_backend(cfg.procon.backend, torch.empty(0, device=ctx.device))
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = run_dir_of(cfg)
         self.say(f"run directory {self.run_dir} ({ctx.world_size} process(es) on {ctx.device.type})")
