@@ -400,7 +400,7 @@ def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path):
     run_dir.mkdir()
     with open(run_dir / ".lock", "a") as held:   # another run holds the directory
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(RuntimeError, match=rf"run directory {run_dir} is in use \(lock {run_dir / '.lock'}"):
+        with pytest.raises(ValueError, match=rf"run directory {run_dir} is in use \(lock {run_dir / '.lock'}"):
             quick(run_dir)
         assert not (run_dir / "config.toml").exists()
     with pytest.raises(FileNotFoundError, match="data file not found"):   # a failed run releases the lock ...

@@ -69,7 +69,7 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise RuntimeError(f"run directory {self.path.parent} is in use (lock {self.path}"
+            raise ValueError(f"run directory {self.path.parent} is in use (lock {self.path}"
                                f"{', held by process ' + holder if holder else ''}); wait for that run to end "
                                "or use another run_dir") from None
         f.truncate(0)
