@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 import harness
 from fastprocon import anchor_projection, procon_penalty
 from fastprocon.ops import procon_penalty_ref
-from fastprocon.io import write_json
 
 PROVIDERS = ("reference", "compiled", "fastprocon", "injection-reference", "injection")
 MODES = ("forward", "backward", "full")
@@ -292,15 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    device = harness.resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = harness.start(args)
     if args.memory_pass is not None:
-        # CPU memory pass, in its own process: the fixed mmap threshold it needs would also slow
-        # the timed calls (every freed block unmapped, every new one page-faulted in).
-        harness.prepare_cpu_memory_measurement()
-        write_json(args.memory_pass, run(args, device, {}, memory_pass=True))
-        return 0
+        return harness.memory_pass(args.memory_pass, lambda: run(args, device, {}, memory_pass=True))
     out = args.out or harness.RESULTS_DIR / f"penalty_{harness.device_tag(device)}.csv"
     # The CSV is rewritten after every shape, so a run cut short still leaves its rows.
     rows = run(args, device, harness.environment(device, "benchmarks/bench_penalty.py", argv),
@@ -310,9 +303,7 @@ def main(argv=None) -> int:
         for r in rows:
             r["extra_mem_bytes"] = extra.get(case_key(r["provider"], r["mode"], r["N"], r["D"], r["dtype"],
                                                       r["masked"]), "")
-    harness.write_csv(out, rows, FIELDS)
-    print(summary(rows))
-    print(f"wrote {len(rows)} rows to {out}")
+    harness.save_rows(out, rows, FIELDS, summary(rows))
     return 0
 
 

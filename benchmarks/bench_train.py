@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import statistics
 import sys
 import time
@@ -48,7 +49,6 @@ import harness
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.hooks import ProConHooks
 from fastprocon.models import decoder_layers, hidden_size, load_model
-from fastprocon.io import write_json
 from fastprocon.train.loss import ce_sum, shift_labels
 from fastprocon.train.metrics import count_params, flops_per_token, peak_flops
 
@@ -207,7 +207,10 @@ def bench_model(spec: str, args, device: torch.device, env: dict, memory_pass: b
                      "step_overhead": f"{statistics.median(ratios) - 1:.4f}" if ratios else ""})
     if device.type == "cuda":
         fill_memory(rows, peaks)
+    # Free this model before the next one is built: a model sits in reference cycles, so without
+    # gc.collect() its memory would stay allocated and count in the next model's peak.
     del model, optimizer, hooks, batch, params
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -270,17 +273,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    device = harness.resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = harness.start(args)
     if args.memory_pass is not None:
-        # CPU memory pass, in its own process: with the fixed mmap threshold the resident set
-        # follows live memory (freed blocks go back), but every allocation page-faults afresh,
-        # which would slow the timed steps.
-        harness.prepare_cpu_memory_measurement()
-        write_json(args.memory_pass, [row for spec in args.models
-                                      for row in bench_model(spec, args, device, {}, memory_pass=True)])
-        return 0
+        return harness.memory_pass(args.memory_pass, lambda: [
+            row for spec in args.models for row in bench_model(spec, args, device, {}, memory_pass=True)])
     env = harness.environment(device, "benchmarks/bench_train.py", argv)
     rows = []
     for spec in args.models:
@@ -291,9 +287,7 @@ def main(argv=None) -> int:
             fill_memory([r for r in rows if r["model"] == model],
                         {v: peaks[f"{model}|{v}"] for v in args.variants})
     out = args.out or harness.RESULTS_DIR / f"train_{harness.device_tag(device)}.csv"
-    harness.write_csv(out, rows, FIELDS)
-    print(summary(rows))
-    print(f"wrote {len(rows)} rows to {out}")
+    harness.save_rows(out, rows, FIELDS, summary(rows))
     return 0
 
 

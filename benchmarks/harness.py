@@ -38,8 +38,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from fastprocon.io import atomic_path
-from fastprocon.models import resolve_device  # noqa: F401  (the scripts call harness.resolve_device)
+from fastprocon.io import atomic_path, write_json
+from fastprocon.models import resolve_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Columns describing where a row was measured; every benchmark CSV starts with them.
@@ -224,6 +224,31 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device, *, repeats:
 
 # ---------------------------------------------------------------------------------------------
 # CSV
+
+
+def start(args) -> torch.device:
+    """The device of a benchmark's ``--device``, with its ``--threads`` applied."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
+
+
+def memory_pass(out: Path, measure: Callable[[], list]) -> int:
+    """The child side of :func:`memory_pass_subprocess`: fix the mmap threshold, run ``measure``
+    (the benchmark's rows with their memory only) and write them to ``out``. In its own process
+    because the fixed threshold makes every allocation page-fault afresh, which would slow the
+    timed calls."""
+    prepare_cpu_memory_measurement()
+    write_json(out, measure())
+    return 0
+
+
+def save_rows(out: Path, rows: list[dict], fields: Sequence[str], summary: str) -> None:
+    """Write the final CSV and print the summary table and where the rows went."""
+    write_csv(out, rows, fields)
+    print(summary)
+    print(f"wrote {len(rows)} rows to {out}")
 
 
 def memory_pass_subprocess(script: Path, argv: Sequence[str]) -> list:

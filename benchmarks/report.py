@@ -238,6 +238,11 @@ def headline(results: Path) -> list[str]:
     return lines
 
 
+# One report section per benchmark CSV kind: (file prefix, heading, CSV fields, plot, table)
+SECTIONS = (("penalty", "ProCon penalty, forward + backward", PENALTY_FIELDS, plot_penalty, penalty_table),
+            ("train", "Training step, ProCon at every layer", TRAIN_FIELDS, plot_train, train_table))
+
+
 def write_report(results: Path) -> list[Path]:
     """Figures for every CSV in ``results`` and README_perf.md; returns the written paths.
     A hand-written ``notes_<tag>.md`` (conditions of the run, caveats) is included verbatim."""
@@ -262,19 +267,15 @@ def write_report(results: Path) -> list[Path]:
         md += [f"## {tag}", ""]
         if (results / f"notes_{tag}.md").is_file():
             md += [(results / f"notes_{tag}.md").read_text().strip(), ""]
-        pcsv, tcsv = results / f"penalty_{tag}.csv", results / f"train_{tag}.csv"
-        if pcsv.is_file():
-            rows = harness.read_csv(pcsv, PENALTY_FIELDS)
+        for kind, title, fields, plot, table in SECTIONS:
+            csv_path = results / f"{kind}_{tag}.csv"
+            if not csv_path.is_file():
+                continue
+            rows = harness.read_csv(csv_path, fields)
             if figures:
-                written.append(plot_penalty(rows, results / f"penalty_{tag}.png"))
-            md += ["### ProCon penalty, forward + backward", "", *_env_lines(rows), "",
-                   f"![penalty {tag}](penalty_{tag}.png)", "", *penalty_table(rows), ""]
-        if tcsv.is_file():
-            rows = harness.read_csv(tcsv, TRAIN_FIELDS)
-            if figures:
-                written.append(plot_train(rows, results / f"train_{tag}.png"))
-            md += ["### Training step, ProCon at every layer", "", *_env_lines(rows), "",
-                   f"![train {tag}](train_{tag}.png)", "", *train_table(rows), ""]
+                written.append(plot(rows, results / f"{kind}_{tag}.png"))
+            md += [f"### {title}", "", *_env_lines(rows), "", f"![{kind} {tag}]({kind}_{tag}.png)", "",
+                   *table(rows), ""]
     path = results / "README_perf.md"
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(md))

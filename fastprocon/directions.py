@@ -24,10 +24,10 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from fastprocon.argtypes import non_negative_int, positive_int
 from fastprocon.data import format_prompt
 from fastprocon.io import check_output, read_safetensors, save_safetensors, write_json
-from fastprocon.models import (LoadedModel, add_model_args, hidden_size, model_from_args, non_negative_int,
-                               num_layers, positive_int)
+from fastprocon.models import LoadedModel, add_model_args, hidden_size, model_from_args, num_layers
 from fastprocon.plots import line_plot
 from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import on_layer_inputs

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from fastprocon.argtypes import positive_int
 from fastprocon.data import load_instructions
 from fastprocon.directions import DirectionSet, extract_directions, load_directions
 from fastprocon.io import check_output, write_json
-from fastprocon.models import add_model_args, model_from_args, positive_int
+from fastprocon.models import add_model_args, model_from_args
 from fastprocon.plots import line_plot
 
 

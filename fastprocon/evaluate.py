@@ -14,10 +14,10 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
+from fastprocon.argtypes import finite_float, non_negative_int, positive_int
 from fastprocon.directions import load_directions_for
 from fastprocon.io import check_output, write_json
-from fastprocon.models import (LoadedModel, add_model_args, finite_float, model_from_args, non_negative_int,
-                               positive_int)
+from fastprocon.models import LoadedModel, add_model_args, model_from_args
 from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import activation_addition, directional_ablation
 

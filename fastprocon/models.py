@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -373,36 +372,6 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: bool = True) -> No
             "directory, a cached hub id or a .gguf file"))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
-
-
-def int_at_least(low: int):
-    """argparse ``type=``: an integer >= ``low`` (a bad value is a usage error naming the option)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"int>={low}"
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
-
-
-def finite_float(text: str) -> float:
-    """argparse ``type=``: a finite float (nan and inf are usage errors)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
 
 
 DEVICE_FORMS = "cpu, cuda, cuda:N or auto"

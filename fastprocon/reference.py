@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from fastprocon.argtypes import int_at_least, positive_int
 from fastprocon.data import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -37,7 +38,7 @@ from fastprocon.data import (
 )
 from fastprocon.directions import DirectionSet, directions_hash, load_directions_for
 from fastprocon.io import check_output, read_safetensors, save_safetensors
-from fastprocon.models import LoadedModel, add_model_args, int_at_least, model_from_args, positive_int
+from fastprocon.models import LoadedModel, add_model_args, model_from_args
 from fastprocon.penalty import procon_penalty
 from fastprocon.steering import on_layer_inputs
 

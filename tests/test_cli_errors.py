@@ -1,7 +1,9 @@
 """The `fastprocon` entry point on bad input: output paths checked up front, one-line errors, exit 2."""
+import argparse
+
 import pytest
 
-from fastprocon import models
+from fastprocon import argtypes, models
 from fastprocon.cli import main
 from fastprocon.io import check_output
 
@@ -99,3 +101,17 @@ def test_reference_batch_size_zero_is_a_usage_error(tmp_path, capsys):
               "--batch-size", "0", "--out", str(tmp_path / "z0.safetensors")])
     assert exit_info.value.code == 2
     assert "argument --batch-size: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parse,text,ok", [
+    (argtypes.positive_int, "3", 3), (argtypes.positive_int, "0", None), (argtypes.positive_int, "x", None),
+    (argtypes.non_negative_int, "0", 0), (argtypes.non_negative_int, "-1", None),
+    (argtypes.finite_float, "-2.5", -2.5), (argtypes.finite_float, "nan", None),
+    (argtypes.finite_float, "-inf", None),
+])
+def test_argument_types(parse, text, ok):
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be .*, got"):
+            parse(text)
+    else:
+        assert parse(text) == ok

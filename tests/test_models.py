@@ -1,5 +1,4 @@
 """fastprocon.models: loading specs, errors, decoder layers, fingerprints."""
-import argparse
 import importlib.util
 import os
 import socket
@@ -63,19 +62,6 @@ def test_resolve_device_names_the_accepted_values():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda:0 was asked for"):
             models.resolve_device("cuda:0")
-
-
-@pytest.mark.parametrize("parse,text,ok", [
-    (models.positive_int, "3", 3), (models.positive_int, "0", None), (models.positive_int, "x", None),
-    (models.non_negative_int, "0", 0), (models.non_negative_int, "-1", None),
-    (models.finite_float, "-2.5", -2.5), (models.finite_float, "nan", None), (models.finite_float, "-inf", None),
-])
-def test_argument_types(parse, text, ok):
-    if ok is None:
-        with pytest.raises(argparse.ArgumentTypeError, match="must be .*, got"):
-            parse(text)
-    else:
-        assert parse(text) == ok
 
 
 def test_decoder_layers_through_wrappers(tiny):

@@ -192,8 +192,7 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(t, 0o644)   # the temp file is created private
-        complete = sorted(p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file())
-        for old in complete[:-self.keep]:
+        for old in complete_checkpoints(self.root)[:-self.keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -256,16 +255,15 @@ def check_resumable(path: Path, state: dict, model: dict, data: dict) -> None:
                              f"this config gives {data[key]!r} (the data order would differ); {fix}")
 
 
-def _previous_complete(path: Path) -> Path | None:
-    """The newest complete checkpoint next to ``path`` and older than it."""
-    older = [p for p in Path(path).parent.glob("step_*") if p.name < Path(path).name and (p / STATE_FILE).is_file()]
-    return max(older, default=None)
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints (with a trainer state) in ``root``, oldest first."""
+    return sorted(p for p in Path(root).glob("step_*") if (p / STATE_FILE).is_file())
 
 
 def _way_out(root: Path, broken: Path | None) -> str:
     """What to do about an unusable checkpoint (``broken``, or None: the newest one in ``root``)."""
-    prev = _previous_complete(broken) if broken is not None else max(
-        (p for p in root.glob("step_*") if (p / STATE_FILE).is_file()), default=None)
+    usable = [p for p in complete_checkpoints(root) if broken is None or p.name < Path(broken).name]
+    prev = usable[-1] if usable else None
     if prev is not None:
         which = "previous" if broken is not None else "newest"
         return f"to resume from the {which} complete checkpoint set checkpoint.resume = '{prev}'"
