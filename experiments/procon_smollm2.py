@@ -1,7 +1,8 @@
 """Does ProCon keep refusal through benign fine-tuning? The paper's experiment on SmolLM2-135M-Instruct,
 end to end with fastprocon's own commands.
 
-Stages (each skipped when its output exists, so a rerun resumes):
+Stages (each skipped when its output exists and was made by the same code version, so a rerun
+resumes; one made by another version stops the run, or is redone with --stale rerun):
   data       seeded, disjoint slices of the shared data written to WORK/data
   distill    benign pairs: the base model's own greedy answers to Alpaca instructions
   align      `fastprocon train`: plain IFT on safety (harmful -> refusal) + benign pairs
@@ -24,6 +25,7 @@ import argparse
 import json
 import random
 import shlex
+import shutil
 import sys
 import time
 import tomllib
@@ -37,6 +39,7 @@ from fastprocon.cli import main as fastprocon_main  # noqa: E402
 from fastprocon.io import write_json  # noqa: E402
 
 import report  # noqa: E402  (experiments/report.py)
+from provenance import code_version, describe  # noqa: E402  (experiments/provenance.py)
 
 SIZES = {  # --sizes presets; any single size can still be set by its own flag
     "cpu": dict(n_align_safety=64, n_distill=16, n_direction=64, n_gsm8k_train=32, n_safe_mix=8,
@@ -83,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is much faster on a CPU shared with other jobs")
     p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the base model")
+    p.add_argument("--stale", choices=("refuse", "rerun"), default="refuse",
+                   help="a finished stage made by another code version (see experiments/provenance.py): "
+                        "stop and say so (default), or delete its output and run it again")
     args = p.parse_args(argv)
     for key, value in SIZES[args.sizes].items():
         if getattr(args, key) is None:
@@ -98,6 +104,7 @@ class Experiment:
         self.log_path = self.work / "stages.json"   # every stage's wall time and commands, kept over reruns
         self.log = json.loads(self.log_path.read_text()) if self.log_path.exists() else {}
         self.device_flag = args.device
+        self.version = code_version()   # stamped on every stage; a report never mixes two versions
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -110,13 +117,24 @@ class Experiment:
         if code != 0:
             raise SystemExit(f"stage {stage}: `fastprocon {argv[0]}` exited with {code}")
 
-    def stage(self, name: str, output: Path, fn, labels: list[str] | None = None) -> None:
-        """Run ``fn`` unless ``output`` exists (and, with ``labels``, names all of them); record its wall time."""
+    def stage(self, name: str, output: Path, fn, labels: list[str] | None = None, clear: Path | None = None) -> None:
+        """Run ``fn`` unless ``output`` exists (and, with ``labels``, names all of them) and was made by
+        this code version; record its wall time and version. ``clear``: what to delete before a rerun
+        of a stage made by another version (default ``output``)."""
         if output.exists() and (labels is None or set(labels) <= _labels_in(output)):
-            print(f"[experiment] {name}: done ({output})", flush=True)
-            return
+            made_by = self.log.get(name, {}).get("version")
+            if made_by and made_by["code"] == self.version["code"]:
+                print(f"[experiment] {name}: done ({output})", flush=True)
+                return
+            if self.args.stale == "refuse":
+                raise SystemExit(f"stage {name}: {output} was made by {describe(made_by)}, this is "
+                                 f"{describe(self.version)}; rerun with --stale rerun to redo it (and every "
+                                 "stage after it), or use another --work directory")
+            doomed = clear or output
+            print(f"[experiment] {name}: made by {describe(made_by)}: deleting {doomed} to rerun", flush=True)
+            shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
         print(f"[experiment] {name}: running", flush=True)
-        self.log[name] = {"commands": []}
+        self.log[name] = {"commands": [], "version": self.version}
         start = time.perf_counter()
         fn()
         self.log[name]["seconds"] = round(time.perf_counter() - start, 1)
@@ -319,25 +337,27 @@ class Experiment:
         a = self.args
         self.work.mkdir(parents=True, exist_ok=True)
         self.log.setdefault("invocations", []).append("python " + shlex.join(sys.argv))
+        print(f"[experiment] {describe(self.version)}", flush=True)
         t0 = time.perf_counter()
         self.stage("data", self.data_dir / "manifest.json", self.make_data)
         self.stage("distill", self.data_dir / "benign.json", self.distill)
-        self.stage("align", self.aligned, self.align)
+        self.stage("align", self.aligned, self.align, clear=self.path("runs", "align"))
         # the stage-1 check (base and aligned refusal) comes before the long stage 3
         starts = ([] if a.no_base_eval else [("base", a.model)]) + [("aligned", str(self.aligned))]
         trained = [(v, str(self.path("runs", v, "model"))) for v in a.variants]
         for name, model in starts:
             self.stage(f"eval:{name}", self.path("eval", name, "gsm8k.json"),
-                       lambda n=name, m=model: self.evaluate(n, m))
-        self.stage("directions", self.directions_file, self.directions)
+                       lambda n=name, m=model: self.evaluate(n, m), clear=self.path("eval", name))
+        self.stage("directions", self.directions_file, self.directions, clear=self.path("directions"))
         self.stage("reference", self.path("reference", "gsm8k.safetensors"), self.reference)
         for v in a.variants:
             self.stage(f"train:{v}", self.path("runs", v, "model"),
-                       lambda v=v: self.train(v, str(Path(a.configs) / "ift.toml"), self.variant_overrides(v)))
+                       lambda v=v: self.train(v, str(Path(a.configs) / "ift.toml"), self.variant_overrides(v)),
+                       clear=self.path("runs", v))
         for name, model in trained:
             self.stage(f"eval:{name}", self.path("eval", name, "gsm8k.json"),
-                       lambda n=name, m=model: self.evaluate(n, m))
-        self.stage("drift", self.path("drift", "drift.json"), self.drift, labels=a.variants)
+                       lambda n=name, m=model: self.evaluate(n, m), clear=self.path("eval", name))
+        self.stage("drift", self.path("drift", "drift.json"), self.drift, labels=a.variants, clear=self.path("drift"))
         self.stage("projection_drift", self.path("projection_drift.json"), self.projection_drift, labels=a.variants)
         self.log["total_this_invocation_s"] = round(time.perf_counter() - t0, 1)
         write_json(self.log_path, self.log)

@@ -9,6 +9,8 @@ results/
   configs/<run>.toml         resolved trainer configs; configs/experiment.json the driver's arguments
   commands.txt      the exact fastprocon commands, stage by stage
   stage_times.json  wall seconds per stage
+Every stage records the code version that made it (experiments/provenance.py); the report names
+that version and refuses to combine stages of different versions.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from fastprocon.io import write_json
 from fastprocon.plots import line_plot
+from provenance import describe
 
 
 def _load(path: Path) -> dict:
@@ -65,7 +68,17 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table_markdown(rows: list[dict], times: dict) -> str:
+def stages_version(times: dict) -> dict:
+    """The one code version every reported stage was made by (ValueError if they differ)."""
+    versions = {json.dumps(e.get("version"), sort_keys=True) for e in times.values() if "seconds" in e}
+    if len(versions) != 1:
+        raise ValueError(f"the stages were made by {len(versions)} code versions "
+                         f"({'; '.join(describe(json.loads(v)) for v in sorted(versions))}): rerun the "
+                         "driver with --stale rerun so that one version makes them all")
+    return json.loads(versions.pop())
+
+
+def table_markdown(rows: list[dict], times: dict, version: dict) -> str:
     sources = sorted({s for r in rows for s in r["asr_by_source"]})
     head = (["model", "ASR (all)"] + [f"ASR {s}" for s in sources]
             + ["over-refusal", "GSM8K test CE", "GSM8K EM", "mean drift cos", "min drift cos (layer)",
@@ -84,6 +97,7 @@ def table_markdown(rows: list[dict], times: dict) -> str:
               f"GSM8K CE over {n['gsm8k_n_loss']} test rows, exact match over {n['gsm8k_n_gen']}; drift cosine "
               "vs the aligned model's directions (layers 1..L-1); abs(z - z0): mean over GSM8K training response "
               "tokens and layers of the projection change vs the aligned model (what ProCon penalises).",
+              "", f"Every stage below was made by {describe(version)}.",
               "", "| stage | wall s |", "|---|---|"]
     lines += [f"| {stage} | {entry['seconds']} |" for stage, entry in times.items()
               if isinstance(entry, dict) and "seconds" in entry]
@@ -104,9 +118,12 @@ def write_report(work: Path, results: Path, models: list[str], variants: list[st
         run_summary = work / "runs" / ("align" if name == "aligned" else name) / "summary.json"
         run = _load(run_summary) if name != "base" and run_summary.exists() else None
         rows.append(model_row(work, name, sources, drift_by_label.get(name), run, projection.get(name)))
-    times = {k: v for k, v in log.items() if isinstance(v, dict)}
-    (results / "table.md").write_text(table_markdown(rows, times))
-    write_json(results / "results.json", {"rows": rows, "settings": settings,
+    reported = {"data", "distill", "align", "directions", "reference", "drift", "projection_drift",
+                *(f"eval:{m}" for m in models), *(f"train:{v}" for v in variants)}
+    times = {k: v for k, v in log.items() if k in reported and isinstance(v, dict)}
+    version = stages_version(times)
+    (results / "table.md").write_text(table_markdown(rows, times, version))
+    write_json(results / "results.json", {"code_version": version, "rows": rows, "settings": settings,
                                           "data": _load(work / "data" / "manifest.json")})
     shutil.copyfile(work / "drift" / "drift.png", results / "drift.png")
     if projection:
@@ -133,3 +150,4 @@ def write_report(work: Path, results: Path, models: list[str], variants: list[st
         commands += [f"# {stage}"] + entry.get("commands", []) + [""]
     (results / "commands.txt").write_text("\n".join(commands))
     write_json(results / "stage_times.json", {k: v.get("seconds") for k, v in times.items()})
+    write_json(results / "stage_versions.json", {k: v.get("version") for k, v in times.items()})

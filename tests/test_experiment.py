@@ -11,11 +11,14 @@ DRIVER = REPO / "experiments" / "procon_smollm2.py"
 VARIANTS = ["ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_s_token_huber"]
 
 
-def run_driver(work, results, data):
+def run_driver(work, results, data, expect_ok=True):
     cmd = [sys.executable, str(DRIVER), "--model", "tiny", "--sizes", "micro", "--device", "cpu",
            "--data", str(data), "--work", str(work), "--results", str(results), "--no-base-eval",
            "--align", "max_steps=2", "--ift", "max_steps=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    if not expect_ok:
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        return proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -71,3 +74,17 @@ def test_experiment_end_to_end_on_tiny(tmp_path, shared_data):
     assert out.count(": done (") == 5 + len(VARIANTS) + (1 + len(VARIANTS)) + 2, out
     assert "running" not in out
     assert (results / "stage_times.json").read_text() == times
+
+    # provenance: every stage and the report name one code version; a stage made by another
+    # version is refused (never silently mixed into the report)
+    version = json.loads((results / "results.json").read_text())["code_version"]
+    assert len(version["code"]) == 16 and len(version["commit"]) == 40
+    versions = json.loads((results / "stage_versions.json").read_text())
+    assert all(v == version for k, v in versions.items() if k != "invocations"), versions
+    assert f"code {version['code']}" in (results / "table.md").read_text()
+    log_path = work / "stages.json"
+    log = json.loads(log_path.read_text())
+    log["train:procon_s"]["version"] = {**version, "code": "0" * 16}
+    log_path.write_text(json.dumps(log))
+    err = run_driver(work, results, shared_data, expect_ok=False)
+    assert "stage train:procon_s" in err and "0000000000000000" in err and "--stale rerun" in err, err
