@@ -66,15 +66,18 @@ def cases(d_values: list[int], dtype_names: list[str]) -> list[Case]:
         acc_torch, acc_tl = K._acc_dtype(h)
         for d in d_values:
             bn, bd, warps = K._fwd_blocks(1 << 20, d, h)
-            fwd_variants = [(norm, True, torch.bool, True) for norm in NORMS]        # training
-            fwd_variants += [("l1", True, acc_torch, True), ("l1", False, None, False)]  # float weight; eval
-            for norm, has_z0, w_dtype, need_grad in fwd_variants:
+            fwd_variants = [(norm, True, torch.bool, True, False) for norm in NORMS]        # training
+            fwd_variants += [("l1", True, acc_torch, True, False), ("l1", False, None, False, False),  # float w; eval
+                             ("huber", True, torch.bool, True, True)]   # learnable direction
+            for norm, has_z0, w_dtype, need_grad, dir_grad in fwd_variants:
                 flags = f"norm={norm} z0={int(has_z0)} w={TL_NAMES[w_dtype] if w_dtype else '-'} grad={int(need_grad)}"
+                flags += " dir_grad=1" if dir_grad else ""
                 out.append(Case("fwd", name, d, flags, K._procon_fwd_kernel,
                                 dict(h_ptr=h, r_ptr=acc_torch, z0_ptr=acc_torch, w_ptr=w_dtype or acc_torch,
-                                     z_ptr=acc_torch, coef_ptr=acc_torch, partial_ptr=acc_torch),
+                                     z_ptr=acc_torch, coef_ptr=acc_torch, partial_ptr=acc_torch, hc_ptr=acc_torch),
                                 dict(NORM=NORMS[norm], HAS_Z0=has_z0, HAS_W=w_dtype is not None,
-                                     NEED_GRAD=need_grad, ACC_DTYPE=acc_tl, BLOCK_N=bn, BLOCK_D=bd), warps))
+                                     NEED_GRAD=need_grad, NEED_DIR_GRAD=dir_grad, ACC_DTYPE=acc_tl, BLOCK_N=bn,
+                                     BLOCK_D=bd), warps))
             bn, bd, warps = K._bwd_blocks(1 << 20, d)
             for has_gin in (False, True):
                 out.append(Case("bwd", name, d, f"incoming_grad={int(has_gin)}", K._procon_bwd_kernel,
@@ -83,6 +86,9 @@ def cases(d_values: list[int], dtype_names: list[str]) -> list[Case]:
                                 warps))
         out.append(Case("sum_partials", name, 0, "", K._sum_partials_kernel,
                         dict(partial_ptr=acc_torch, out_ptr=acc_torch), dict(ACC_DTYPE=acc_tl, BLOCK=1024), 4))
+        bp, bd = K._sum_rows_blocks(1 << 20)
+        out.append(Case("sum_rows", name, 0, "", K._sum_rows_kernel, dict(partial_ptr=acc_torch, out_ptr=acc_torch),
+                        dict(ACC_DTYPE=acc_tl, BLOCK_P=bp, BLOCK_D=bd), 4))
     unique = []
     for c in out:   # D values that share block sizes give the same kernel: compile it once
         key = (c.kernel, c.hidden_dtype, c.flags, tuple(sorted(map(str, c.constexprs.items()))), c.num_warps)

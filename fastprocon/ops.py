@@ -9,8 +9,9 @@
   baseline and the tests' oracle (run in float64).
 
 Every fused op works on 2-D H [N, D] with a contiguous last dim. Forward ops return
-(z [N], coef [N] or [0], loss []) in the accumulation dtype (fp32; fp64 for fp64 H), loss
-unscaled; backward ops return grad_scale * coef (outer) r (+ grad_in) as a new [N, D] tensor.
+(z [N], coef [N] or [0], loss [], hc [D] or [0]) in the accumulation dtype (fp32; fp64 for fp64
+H), loss unscaled, hc = sum_i coef_i H_i (only with need_dir_grad: the direction's gradient);
+backward ops return grad_scale * coef (outer) r (+ grad_in) as a new [N, D] tensor.
 """
 from __future__ import annotations
 
@@ -32,6 +33,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def unit_direction(direction: Tensor, dtype: torch.dtype) -> Tensor:
+    """direction / |direction| in acc_dtype(dtype), for any finite non-zero direction.
+
+    Divided by its largest |entry| first (so the sum of squares lies in [1, D]: no overflow for
+    entries like 1e20, no underflow for 1e-30), in the wider of direction's dtype and the
+    accumulation dtype (a fp64 direction of 1e300 is scaled before it is cast to fp32).
+    Differentiable: autograd gives dL/dr = (I - r_hat r_hat^T) dL/dr_hat / |r| (the max is a
+    constant there, since r_hat does not depend on it).
+    """
+    acc = acc_dtype(dtype)
+    d = direction.to(torch.promote_types(direction.dtype, acc))
+    d = d / d.detach().abs().amax()
+    return (d / torch.linalg.vector_norm(d)).to(acc)
+
+
 def psi_and_grad(diff: Tensor, norm: int, delta: float) -> tuple[Tensor, Tensor]:
     """psi(diff) and psi'(diff) elementwise, for the norm codes of ``NORMS``."""
     if norm == kernels.NORM_L1:
@@ -43,11 +59,22 @@ def psi_and_grad(diff: Tensor, norm: int, delta: float) -> tuple[Tensor, Tensor]
     return psi, torch.where(inside, diff, delta * diff.sign())
 
 
+def weighted_psi(z: Tensor, reference: Optional[Tensor], weight: Optional[Tensor], norm: int,
+                 delta: float) -> tuple[Tensor, Tensor]:
+    """(w * psi(z - z0), w * psi'(z - z0)) per row, in z's dtype; None means z0 = 0, w = 1."""
+    diff = z - reference.to(z.dtype) if reference is not None else z
+    psi, dpsi = psi_and_grad(diff, norm, delta)
+    if weight is not None:
+        w = weight.to(z.dtype)
+        psi, dpsi = psi * w, dpsi * w
+    return psi, dpsi
+
+
 def _fwd_fake(hidden: Tensor, direction: Tensor, reference: Optional[Tensor], weight: Optional[Tensor],
-              norm: int, delta: float, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+              norm: int, delta: float, need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    (n, d), acc = hidden.shape, acc_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if need_grad else 0, dtype=acc),
-            hidden.new_empty((), dtype=acc))
+            hidden.new_empty((), dtype=acc), hidden.new_empty(d if need_dir_grad else 0, dtype=acc))
 
 
 def _bwd_fake(coef: Tensor, direction: Tensor, grad_scale: Tensor, grad_in: Optional[Tensor],
@@ -62,8 +89,8 @@ def _bwd_fake(coef: Tensor, direction: Tensor, grad_scale: Tensor, grad_in: Opti
 @torch.library.triton_op("fastprocon::projection_fwd_triton", mutates_args=())
 def projection_fwd_triton(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
                           weight: Optional[Tensor], norm: int, delta: float,
-                          need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.projection_fwd(hidden, direction, reference, weight, norm, delta, need_grad)
+                          need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return kernels.projection_fwd(hidden, direction, reference, weight, norm, delta, need_grad, need_dir_grad)
 
 
 @torch.library.triton_op("fastprocon::projection_bwd_triton", mutates_args=())
@@ -87,19 +114,21 @@ def _row_chunks(n: int, d: int, dtype: torch.dtype):
 @torch.library.custom_op("fastprocon::projection_fwd_torch", mutates_args=())
 def projection_fwd_torch(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
                          weight: Optional[Tensor], norm: int, delta: float,
-                         need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = hidden.shape
     acc = acc_dtype(hidden.dtype)
     z = torch.empty(n, dtype=acc, device=hidden.device)
+    hc = torch.zeros(d if need_dir_grad else 0, dtype=acc, device=hidden.device)
     for rows in _row_chunks(n, d, hidden.dtype):
-        torch.mv(hidden[rows].to(acc), direction, out=z[rows])
-    diff = z - reference.to(acc) if reference is not None else z
-    psi, dpsi = psi_and_grad(diff, norm, delta)
-    if weight is not None:
-        w = weight.to(acc)
-        psi, dpsi = psi * w, dpsi * w
+        h = hidden[rows].to(acc)
+        torch.mv(h, direction, out=z[rows])
+        if need_dir_grad:  # while the chunk's upcast copy is at hand: one pass over H
+            ref_rows = reference[rows] if reference is not None else None
+            w_rows = weight[rows] if weight is not None else None
+            hc.addmv_(h.t(), weighted_psi(z[rows], ref_rows, w_rows, norm, delta)[1])
+    psi, dpsi = weighted_psi(z, reference, weight, norm, delta)
     coef = dpsi if need_grad else z.new_empty(0)
-    return z, coef, psi.sum()
+    return z, coef, psi.sum(), hc
 
 
 @torch.library.custom_op("fastprocon::projection_bwd_torch", mutates_args=())
@@ -136,13 +165,10 @@ def procon_penalty_ref(hidden: Tensor, direction: Tensor, reference: Optional[Te
     """The obviously-right version: upcast H, matvec, psi, weighted sum; autograd does the rest.
 
     hidden [..., D] any float dtype (computed in fp32, or fp64 for fp64 input); direction [D]
-    (normalised here); reference / weight of hidden's leading shape. Returns (loss [], z [...]).
+    (normalised here, overflow-safe); reference / weight of hidden's leading shape. Returns (loss [], z [...]).
     """
     acc = acc_dtype(hidden.dtype)
-    h = hidden.to(acc)
-    r = direction.to(acc)
-    r = r / r.norm()
-    z = h @ r
+    z = hidden.to(acc) @ unit_direction(direction, hidden.dtype)
     diff = z - reference.to(acc) if reference is not None else z
     psi, _ = psi_and_grad(diff, NORMS[norm], delta)
     if weight is not None:

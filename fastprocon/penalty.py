@@ -97,60 +97,121 @@ def resolve_backend(backend: str, hidden: Tensor) -> str:
     return backend
 
 
-def _unit(direction: Tensor, dtype: torch.dtype) -> Tensor:
-    r = direction.detach().to(ops.acc_dtype(dtype))
-    return r * torch.rsqrt(torch.dot(r, r))
-
-
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------
 # autograd Functions over 2-D hidden states
+#
+# Both take r_hat (the unit direction, built by autograd-visible ops so that dL/dr_hat = g * hc
+# becomes the exact dL/d(direction)), reference and weight as inputs, and return a gradient for
+# each one that requires it, from [N] and [D] vectors only: dL/dz0 = -g c, dL/dw = g psi(z - z0),
+# dL/dr_hat = g sum_i c_i H_i (computed in the forward pass, only when needed).
+
+
+def _higher_order_error(name: str, why: str) -> RuntimeError:
+    return RuntimeError(f"{name}: double backward (create_graph=True) is not supported {why}")
+
+
+def _unweighted_psi(z: Tensor, reference: Optional[Tensor], norm: int, delta: float) -> Tensor:
+    return ops.psi_and_grad(z - reference.to(z.dtype) if reference is not None else z, norm, delta)[0]
+
+
+def _needs(ctx) -> tuple[bool, bool]:
+    """(coefficients needed, H^T c needed): for hidden, reference or direction; for direction."""
+    h, r, ref = ctx.needs_input_grad[:3]
+    return h or r or ref, r
 
 
 class ProConPenaltyFunction(torch.autograd.Function):
-    """loss = scale * sum w psi(H r - z0); backward: grad_loss * scale * c (outer) r."""
+    """(loss, z): loss = sum w psi(H r_hat - z0) (unscaled), z = H r_hat; backward: the rank-one
+    g c (outer) r_hat for H plus the vector gradients above. z is saved (an output, [N]) so that
+    a create_graph backward is built from differentiable ops of z: double backward in H, z0, w
+    and the upstream gradient is exact (psi'' = 0 for l1, 2 for l2sq, 0/1 for huber)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, scale: Scale, norm: int, delta: float,
-                backend: str):
-        z, coef, loss = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, ctx.needs_input_grad[0])
-        ctx.save_for_backward(coef, r, scale if isinstance(scale, Tensor) else None)
-        ctx.scale, ctx.backend, ctx.dtype = scale, backend, hidden.dtype
-        ctx.mark_non_differentiable(z)
-        return loss * scale, z
+    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, norm: int, delta: float, backend: str):
+        need_coef, need_hc = _needs(ctx)
+        z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, need_coef, need_hc)
+        ctx.save_for_backward(coef, r, z, reference, weight, hc)
+        ctx.norm, ctx.delta, ctx.backend, ctx.dtype = norm, delta, backend, hidden.dtype
+        ctx.set_materialize_grads(False)
+        return loss, z
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_z):
-        coef, r, scale_t = ctx.saved_tensors
-        g = grad_loss * (scale_t if scale_t is not None else ctx.scale)
-        grad = ops.BACKWARD[ctx.backend](coef, r, g.to(r.dtype), None, ctx.dtype)
-        return grad, None, None, None, None, None, None, None
+    def backward(ctx, grad_loss: Optional[Tensor], grad_z: Optional[Tensor]):
+        coef, r, z, reference, weight, hc = ctx.saved_tensors
+        need_h, need_r, need_ref, need_w = ctx.needs_input_grad[:4]
+        create_graph = torch.is_grad_enabled()
+        if need_r and (create_graph or grad_z is not None):
+            raise _higher_order_error("procon_penalty", "with a direction that requires grad: its second "
+                                      "derivative needs H, which is not kept (the gradient is rank one); "
+                                      "detach the direction or use backend='reference'")
+        if create_graph:  # the coefficients as differentiable functions of z (whose grad_fn is this node)
+            coef = ops.weighted_psi(z, reference, weight, norm=ctx.norm, delta=ctx.delta)[1]
+        g = grad_loss
+        c = None if g is None else coef * g            # dL/dz through the loss, per row
+        c_all = c if grad_z is None else (grad_z if c is None else c + grad_z)
+        grad_h = grad_r = grad_ref = grad_w = None
+        if need_h and c_all is not None:
+            if create_graph:
+                grad_h = torch.outer(c_all, r).to(ctx.dtype)
+            elif grad_z is None:
+                grad_h = ops.BACKWARD[ctx.backend](coef, r, g.to(r.dtype), None, ctx.dtype)
+            else:
+                grad_h = ops.BACKWARD[ctx.backend](c_all, r, c_all.new_ones(()), None, ctx.dtype)
+        if g is not None:
+            if need_r:
+                grad_r = hc * g
+            if need_ref:
+                grad_ref = (-c).to(reference.dtype)
+            if need_w:
+                grad_w = (g * _unweighted_psi(z, reference, ctx.norm, ctx.delta)).to(weight.dtype)
+        return grad_h, grad_r, grad_ref, grad_w, None, None, None
 
 
 class AnchorProjectionFunction(torch.autograd.Function):
-    """Identity on H in forward (plus the detached penalty); backward adds scale * c (outer) r."""
+    """Identity on H in forward (plus the detached penalty); backward adds scale * c (outer) r_hat
+    to the incoming gradient, and gives the vector gradients above with g = scale (the penalty is
+    backpropagated with gradient 1), and dL/dscale = the unscaled penalty."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, scale: Scale, norm: int, delta: float,
                 backend: str):
-        _, coef, loss = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, ctx.needs_input_grad[0])
+        need_coef, need_hc = _needs(ctx)
+        z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, need_coef, need_hc)
         g = scale.to(r.dtype) if isinstance(scale, Tensor) else torch.full((), scale, dtype=r.dtype, device=r.device)
-        ctx.save_for_backward(coef, r, g)
-        ctx.backend, ctx.dtype = backend, hidden.dtype
+        # z only when the weight needs a gradient (psi(z - z0)): the training path keeps c and r alone.
+        ctx.save_for_backward(coef, r, g, z if ctx.needs_input_grad[3] else None, reference, weight, hc, loss)
+        ctx.norm, ctx.delta, ctx.backend, ctx.dtype = norm, delta, backend, hidden.dtype
+        ctx.scale_dtype = scale.dtype if isinstance(scale, Tensor) else None
         penalty = loss * g
         ctx.mark_non_differentiable(penalty)
         return hidden.view_as(hidden), penalty
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_penalty):
-        coef, r, g = ctx.saved_tensors
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        grad = ops.BACKWARD[ctx.backend](coef, r, g, grad_out, ctx.dtype)
-        return grad, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            raise _higher_order_error("anchor_projection", "(its backward injects the penalty's gradient, which a "
+                                      "second differentiation would inject again); use procon_penalty for "
+                                      "higher-order gradients")
+        coef, r, g, z, reference, weight, hc, loss = ctx.saved_tensors
+        need_h, need_r, need_ref, need_w, need_scale = ctx.needs_input_grad[:5]
+        grad_h = grad_r = grad_ref = grad_w = grad_scale = None
+        if need_h:
+            if grad_out.stride(-1) != 1:
+                grad_out = grad_out.contiguous()
+            grad_h = ops.BACKWARD[ctx.backend](coef, r, g, grad_out, ctx.dtype)
+        if need_r:
+            grad_r = hc * g
+        if need_ref:
+            grad_ref = (-(coef * g)).to(reference.dtype)
+        if need_w:
+            grad_w = (g * _unweighted_psi(z, reference, ctx.norm, ctx.delta)).to(weight.dtype)
+        if need_scale:
+            grad_scale = loss.to(ctx.scale_dtype)
+        return grad_h, grad_r, grad_ref, grad_w, grad_scale, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +224,7 @@ def _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, 
     h2 = hidden.reshape(-1, hidden.shape[-1])  # a view whenever the strides allow
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    return h2, _unit(direction, hidden.dtype), _rows(reference), _rows(weight), backend
+    return h2, ops.unit_direction(direction, hidden.dtype), _rows(reference), _rows(weight), backend
 
 
 def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,
@@ -196,8 +257,9 @@ def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor
         loss, z = ops.procon_penalty_ref(hidden, direction, reference, weight, norm=norm, delta=delta, scale=scale)
         return (loss, z.detach()) if return_projection else loss
     h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
-    loss, z = ProConPenaltyFunction.apply(h2, r, ref, w, scale, ops.NORMS[norm], float(delta), backend)
-    return (loss, z.view(hidden.shape[:-1])) if return_projection else loss
+    loss, z = ProConPenaltyFunction.apply(h2, r, ref, w, ops.NORMS[norm], float(delta), backend)
+    loss = loss * scale   # outside the Function: autograd gives dL/dscale (the unscaled loss)
+    return (loss, z.detach().view(hidden.shape[:-1])) if return_projection else loss
 
 
 def anchor_projection(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,

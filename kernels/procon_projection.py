@@ -7,10 +7,13 @@ per-token weights w [N]:
     loss  = sum_i w_i * psi(z_i - z0_i)          (unscaled; the caller multiplies by `scale`)
     c_i   = w_i * psi'(z_i - z0_i)               (unscaled gradient coefficient)
     dL/dH = g * c (outer) r                      (g = upstream gradient * scale, a 0-d tensor)
+    hc    = sum_i c_i H_i                        (only when the direction needs a gradient:
+                                                  dL/dr = g * hc, before the normalisation's part)
 
 The forward reads every row of H once and writes z, c and one loss partial per program;
 `_sum_partials_kernel` then adds the partials in a fixed order, so the loss is bitwise
-reproducible (no atomics). The backward writes g * c (outer) r (plus an optional incoming
+reproducible (no atomics); hc, when asked for, is reduced the same way from one [D] partial
+per program. The backward writes g * c (outer) r (plus an optional incoming
 gradient, for the injection form) into a new buffer in H's dtype. Nothing N x D is saved.
 
 Block sizes come from a fixed heuristic rather than autotuning: a fixed configuration keeps
@@ -38,9 +41,10 @@ def _procon_fwd_kernel(
     z0_ptr, w_ptr,             # [N] each, any float (w may be bool); ignored unless HAS_Z0 / HAS_W
     z_ptr, coef_ptr,           # [N] outputs, accumulation dtype
     partial_ptr,               # [num_programs] per-program loss partials
+    hc_ptr,                    # [num_programs, D] per-program partials of sum_i c_i H_i (NEED_DIR_GRAD)
     N, D, delta,
     NORM: tl.constexpr, HAS_Z0: tl.constexpr, HAS_W: tl.constexpr, NEED_GRAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEED_DIR_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,8 +81,17 @@ def _procon_fwd_kernel(
         psi = tl.where(inside, 0.5 * diff * diff, delta * (absd - 0.5 * delta))
         dpsi = tl.where(inside, diff, delta * sign)
     tl.store(partial_ptr + pid, tl.sum(w * psi, axis=0))
+    c = w * dpsi   # 0 on rows past N
     if NEED_GRAD:
-        tl.store(coef_ptr + rows, w * dpsi, mask=row_mask)
+        tl.store(coef_ptr + rows, c, mask=row_mask)
+    if NEED_DIR_GRAD:  # c is known only now: read the block's rows again (just read, so cache-hot)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            h = tl.load(h_ptr + row_off[:, None] + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            tl.store(hc_ptr + pid.to(tl.int64) * D + cols, tl.sum(h.to(ACC_DTYPE) * c[:, None], axis=0),
+                     mask=col_mask)
 
 
 @triton.jit
@@ -89,6 +102,20 @@ def _sum_partials_kernel(partial_ptr, out_ptr, P, ACC_DTYPE: tl.constexpr, BLOCK
         offs = p0 + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < P, other=0.0)
     tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sum_rows_kernel(partial_ptr, out_ptr, P, D, ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """out[d] = sum_p partial[p, d], each column block by one program in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        rows = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        acc += tl.load(partial_ptr + rows[:, None] * D + cols[None, :],
+                       mask=(rows < P)[:, None] & col_mask[None, :], other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -154,6 +181,14 @@ def _bwd_blocks(N: int, D: int) -> tuple[int, int, int]:
     return max(1, min(64, 8192 // block_d)), block_d, 8
 
 
+def _sum_rows_blocks(D: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_D) of the [programs, D] column sum: many column programs on a GPU."""
+    if INTERPRET:
+        block_d = min(triton.next_power_of_2(D), 4096)
+        return max(1, min(64, 8192 // block_d)), block_d
+    return 32, 128
+
+
 def wrap(kernel):
     """`torch.library.wrap_triton(kernel)` when available, so the launches stay visible to
     torch.compile inside a `triton_op`. Interpreted kernels (TRITON_INTERPRET=1) are returned
@@ -163,12 +198,14 @@ def wrap(kernel):
 
 
 def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: torch.Tensor | None,
-                   weight: torch.Tensor | None, norm: int, delta: float, need_grad: bool):
+                   weight: torch.Tensor | None, norm: int, delta: float, need_grad: bool,
+                   need_dir_grad: bool = False):
     """Launch the fused forward.
 
     hidden [N, D] (stride(1) == 1), direction [D] in the accumulation dtype (fp32, or fp64 for
-    fp64 hidden), reference / weight [N] or None. Returns (z [N], coef [N] or [0], loss []) in
-    the accumulation dtype; the loss is unscaled.
+    fp64 hidden), reference / weight [N] or None. Returns (z [N], coef [N] or [0], loss [],
+    hc [D] or [0]) in the accumulation dtype; the loss is unscaled; hc = sum_i coef_i H_i is
+    computed only with need_dir_grad (through a [programs, D] temporary, freed on return).
     """
     N, D = hidden.shape
     acc_torch, acc_tl = _acc_dtype(hidden.dtype)
@@ -178,18 +215,25 @@ def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: tor
     coef = torch.empty(N if need_grad else 0, dtype=acc_torch, device=hidden.device)
     partials = torch.empty(max(programs, 1), dtype=acc_torch, device=hidden.device)
     loss = torch.empty((), dtype=acc_torch, device=hidden.device)
+    hc = torch.zeros(D if need_dir_grad else 0, dtype=acc_torch, device=hidden.device)
+    hc_partials = torch.empty((programs, D) if need_dir_grad and N > 0 else 0, dtype=acc_torch,
+                              device=hidden.device)
     if N == 0:
         partials.zero_()
     else:
         wrap(_procon_fwd_kernel)[(programs,)](
             hidden, hidden.stride(0), direction,
             reference if reference is not None else z, weight if weight is not None else z,
-            z, coef, partials, N, D, float(delta),
+            z, coef, partials, hc_partials if need_dir_grad else z, N, D, float(delta),
             NORM=norm, HAS_Z0=reference is not None, HAS_W=weight is not None, NEED_GRAD=need_grad,
-            ACC_DTYPE=acc_tl, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+            NEED_DIR_GRAD=need_dir_grad, ACC_DTYPE=acc_tl, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
         )
     wrap(_sum_partials_kernel)[(1,)](partials, loss, partials.numel(), ACC_DTYPE=acc_tl, BLOCK=1024)
-    return z, coef, loss
+    if need_dir_grad and N > 0:
+        block_p, block_d = _sum_rows_blocks(D)
+        wrap(_sum_rows_kernel)[(triton.cdiv(D, block_d),)](
+            hc_partials, hc, programs, D, ACC_DTYPE=acc_tl, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4)
+    return z, coef, loss, hc
 
 
 def projection_bwd(coef: torch.Tensor, direction: torch.Tensor, grad_scale: torch.Tensor,

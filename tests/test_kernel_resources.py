@@ -39,8 +39,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert not [r for r in rows if r["error"] or int(r["spill_bytes"])], rows
     # Every kernel for every dtype, both block regimes (small D, large D), every norm.
     assert {(r["kernel"], r["hidden_dtype"]) for r in rows} == \
-        {(k, d) for k in ("fwd", "bwd", "sum_partials") for d in ("bf16", "fp32", "fp64")}
-    assert {r["D"] for r in rows if r["kernel"] != "sum_partials"} == {"64", "4096"}
+        {(k, d) for k in ("fwd", "bwd", "sum_partials", "sum_rows") for d in ("bf16", "fp32", "fp64")}
+    assert {r["D"] for r in rows if not r["kernel"].startswith("sum_")} == {"64", "4096"}
+    assert any("dir_grad=1" in r["flags"] for r in rows if r["kernel"] == "fwd")
     assert {r["flags"].split()[0] for r in rows if r["kernel"] == "fwd"} == {"norm=l1", "norm=l2sq", "norm=huber"}
     assert all(0 < int(r["regs"]) <= 255 for r in rows)
     assert "target sm_90" in result.stdout
