@@ -118,6 +118,12 @@ def _unweighted_psi(z: Tensor, reference: Optional[Tensor], norm: int, delta: fl
     return ops.psi_and_grad(z - reference.to(z.dtype) if reference is not None else z, norm, delta)[0]
 
 
+def _create_graph() -> bool:
+    """Whether this backward runs under create_graph=True. torch.compile traces backwards with
+    grad mode on, and does not support double backward through compiled graphs (it raises)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _needs(ctx) -> tuple[bool, bool]:
     """(coefficients needed, H^T c needed): for hidden, reference or direction; for direction."""
     h, r, ref = ctx.needs_input_grad[:3]
@@ -143,7 +149,9 @@ class ProConPenaltyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Optional[Tensor], grad_z: Optional[Tensor]):
         coef, r, z, reference, weight, hc = ctx.saved_tensors
         need_h, need_r, need_ref, need_w = ctx.needs_input_grad[:4]
-        create_graph = torch.is_grad_enabled()
+        create_graph = _create_graph()
+        if torch.compiler.is_compiling():
+            grad_z = None  # dynamo passes zeros here; z is differentiated only by a double backward (not traced)
         if need_r and (create_graph or grad_z is not None):
             raise _higher_order_error("procon_penalty", "with a direction that requires grad: its second "
                                       "derivative needs H, which is not kept (the gradient is rank one); "
@@ -192,7 +200,7 @@ class AnchorProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_penalty):
-        if torch.is_grad_enabled():
+        if _create_graph():
             raise _higher_order_error("anchor_projection", "(its backward injects the penalty's gradient, which a "
                                       "second differentiation would inject again); use procon_penalty for "
                                       "higher-order gradients")
