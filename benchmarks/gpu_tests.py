@@ -83,6 +83,17 @@ def test_gradcheck_float64(norm, shape):
 
     assert torch.autograd.gradcheck(penalty, (hidden.clone().requires_grad_(),))
 
+    def every_argument(r, z0, w, s):   # the compiled H^T c reduction (a learnable direction)
+        return procon_penalty(hidden, r, z0, w, norm=norm, scale=s, backend="triton")
+
+    args = [t.clone().double().requires_grad_() for t in (direction, reference, weight, scale)]
+    assert torch.autograd.gradcheck(every_argument, tuple(args))
+    if norm != "l1":   # double backward on 4 rows (its numerical check perturbs every element)
+        def four_rows(h):
+            return procon_penalty(h, direction, reference[:4], weight[:4], norm=norm, backend="triton")
+
+        assert torch.autograd.gradgradcheck(four_rows, (hidden[:4].clone().requires_grad_(),))
+
 
 @pytest.mark.parametrize("shape", [(16384, 4096), (4099, 2050)], ids=str)
 def test_bitwise_deterministic(shape):

@@ -8,8 +8,9 @@ Two forms of the same penalty, loss = scale * sum_i w_i * psi(h_i . r_hat - z0_i
   backward adds scale * c (outer) r_hat to the incoming gradient in one fused pass, so a model's
   usual ``loss.backward()`` carries the constraint without any N x D temporary.
 
-The direction need not be unit length: it is normalised (in fp32) on every call, so a raw
-difference-in-means vector works as is. Only c [N] and r_hat [D] are saved for backward.
+The direction need not be unit length: it is normalised on every call (overflow-safe, see
+``ops.unit_direction``), so a raw difference-in-means vector works as is. Every argument that
+requires grad gets its exact gradient; only [N] and [D] vectors are saved for backward.
 """
 from __future__ import annotations
 
@@ -190,10 +191,11 @@ class AnchorProjectionFunction(torch.autograd.Function):
         need_coef, need_hc = _needs(ctx)
         z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, need_coef, need_hc)
         g = scale.to(r.dtype) if isinstance(scale, Tensor) else torch.full((), scale, dtype=r.dtype, device=r.device)
-        # z only when the weight needs a gradient (psi(z - z0)): the training path keeps c and r alone.
-        ctx.save_for_backward(coef, r, g, z if ctx.needs_input_grad[3] else None, reference, weight, hc, loss)
+        # z and z0 only when the weight needs a gradient (psi(z - z0)): the training path keeps c and r alone.
+        need_w = ctx.needs_input_grad[3]
+        ctx.save_for_backward(coef, r, g, z if need_w else None, reference if need_w else None, hc, loss)
         ctx.norm, ctx.delta, ctx.backend, ctx.dtype = norm, delta, backend, hidden.dtype
-        ctx.scale_dtype = scale.dtype if isinstance(scale, Tensor) else None
+        ctx.dtypes = [t.dtype if isinstance(t, Tensor) else None for t in (reference, weight, scale)]
         penalty = loss * g
         ctx.mark_non_differentiable(penalty)
         return hidden.view_as(hidden), penalty
@@ -204,8 +206,9 @@ class AnchorProjectionFunction(torch.autograd.Function):
             raise _higher_order_error("anchor_projection", "(its backward injects the penalty's gradient, which a "
                                       "second differentiation would inject again); use procon_penalty for "
                                       "higher-order gradients")
-        coef, r, g, z, reference, weight, hc, loss = ctx.saved_tensors
+        coef, r, g, z, reference, hc, loss = ctx.saved_tensors
         need_h, need_r, need_ref, need_w, need_scale = ctx.needs_input_grad[:5]
+        ref_dtype, w_dtype, scale_dtype = ctx.dtypes
         grad_h = grad_r = grad_ref = grad_w = grad_scale = None
         if need_h:
             if grad_out.stride(-1) != 1:
@@ -214,11 +217,11 @@ class AnchorProjectionFunction(torch.autograd.Function):
         if need_r:
             grad_r = hc * g
         if need_ref:
-            grad_ref = (-(coef * g)).to(reference.dtype)
+            grad_ref = (-(coef * g)).to(ref_dtype)
         if need_w:
-            grad_w = (g * _unweighted_psi(z, reference, ctx.norm, ctx.delta)).to(weight.dtype)
+            grad_w = (g * _unweighted_psi(z, reference, ctx.norm, ctx.delta)).to(w_dtype)
         if need_scale:
-            grad_scale = loss.to(ctx.scale_dtype)
+            grad_scale = loss.to(scale_dtype)
         return grad_h, grad_r, grad_ref, grad_w, grad_scale, None, None, None
 
 
@@ -256,6 +259,10 @@ def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor
         validate: check the direction's values (finite, non-zero); costs a host sync on GPU.
             Skipped under torch.compile.
 
+    Gradients flow to hidden, direction, reference, a float weight and a tensor scale when they
+    require grad. Double backward (create_graph=True) is exact in hidden, reference, weight and
+    scale; it raises RuntimeError when the direction requires grad.
+
     Returns:
         loss: 0-d tensor, fp32 (fp64 for fp64 hidden); with return_projection, (loss, z) where z
         has hidden's leading shape, fp32 (fp64 for fp64 hidden).
@@ -279,8 +286,10 @@ def anchor_projection(hidden: Tensor, direction: Tensor, reference: Optional[Ten
     use it in place of ``hidden`` downstream) and its backward adds the penalty's gradient,
     scale * c (outer) r_hat, to the incoming gradient in one fused pass. ``penalty`` is the
     detached 0-d penalty value (equal to ``procon_penalty``'s), for logging without a host sync.
-    The total gradient is that of (downstream loss + penalty). Arguments as in ``procon_penalty``;
-    backend "reference" adds the reference penalty to the graph through a zero-valued term.
+    The total gradient is that of (downstream loss + penalty), for every argument that requires
+    grad (scale included). Arguments as in ``procon_penalty``; backend "reference" adds the
+    reference penalty to the graph through a zero-valued term. Double backward raises
+    RuntimeError on the fused backends (the injected gradient would be injected again).
     """
     if backend == "reference":
         loss = procon_penalty(hidden, direction, reference, weight, norm=norm, delta=delta, scale=scale,

@@ -24,7 +24,9 @@ def test_gradcheck_every_argument(backend, norm):
     def penalty(h, r, z0, w, s):
         return procon_penalty(h, r, z0, w, norm=norm, scale=s, backend=backend)
 
-    assert torch.autograd.gradcheck(penalty, tuple(learnable()))
+    # fast_mode (a random projection of the Jacobian) for the slow interpreter: still sees any
+    # dropped or wrong gradient of any argument
+    assert torch.autograd.gradcheck(penalty, tuple(learnable()), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -54,10 +56,10 @@ def test_gradgradcheck(backend, norm):
     def penalty(h, z0, w, s):
         return procon_penalty(h, r.detach(), z0, w, norm=norm, scale=s, backend=backend)
 
-    assert torch.autograd.gradgradcheck(penalty, (h, z0, w, s))
+    assert torch.autograd.gradgradcheck(penalty, (h, z0, w, s), fast_mode=backend == "triton")
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("norm", list(NORMS))
 def test_gradient_penalty_second_backward(backend, norm):
     """loss = p(h) + |dp/dh|^2 (a gradient penalty) backpropagated: h.grad must include the
