@@ -153,12 +153,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = [compile_case(c, args.arch) for c in cases(args.d, args.dtypes)]
     print(f"Triton {triton.__version__}, target sm_{args.arch}")
-    print(f"{'kernel':<13} {'dtype':<5} {'D':>5} {'flags':<36} {'block':>9} {'warps':>5} {'regs':>5} "
+    print(f"{'kernel':<13} {'dtype':<5} {'D':>5} {'flags':<40} {'block':>9} {'warps':>5} {'regs':>5} "
           f"{'spill':>6} {'smem':>6}")
     for r in rows:
         block = f"{r['block_n']}x{r['block_d']}" if r["block_n"] != "" else str(r["block_d"])
         tail = r["error"] or f"{r['regs']:>5} {r['spill_bytes']:>6} {r['shared_bytes']:>6}"
-        print(f"{r['kernel']:<13} {r['hidden_dtype']:<5} {r['D']!s:>5} {r['flags']:<36} {block:>9} "
+        print(f"{r['kernel']:<13} {r['hidden_dtype']:<5} {r['D']!s:>5} {r['flags']:<40} {block:>9} "
               f"{r['num_warps']:>5} {tail}")
     if args.out:
         with open(args.out, "w", newline="") as f:
