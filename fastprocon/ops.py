@@ -36,7 +36,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def unit_direction(direction: Tensor, dtype: torch.dtype) -> Tensor:
     """direction / |direction| in acc_dtype(dtype), for any finite non-zero direction.
 
-    Divided by its largest |entry| first (so the sum of squares lies in [1, D]: no overflow for
+    Divided by (about) its largest |entry| first (so the sum of squares lies in [1, D]: no overflow for
     entries like 1e20, no underflow for 1e-30), in the wider of direction's dtype and the
     accumulation dtype (a fp64 direction of 1e300 is scaled before it is cast to fp32).
     Differentiable: autograd gives dL/dr = (I - r_hat r_hat^T) dL/dr_hat / |r| (the max is a
@@ -44,8 +44,11 @@ def unit_direction(direction: Tensor, dtype: torch.dtype) -> Tensor:
     """
     acc = acc_dtype(dtype)
     d = direction.to(torch.promote_types(direction.dtype, acc))
-    d = d / d.detach().abs().amax()
-    return (d / torch.linalg.vector_norm(d)).to(acc)
+    # The scale is the power of two just below the max, so the division is exact and r_hat has the
+    # same bits as r * rsqrt(r . r) wherever that did not overflow or underflow.
+    _, exponent = torch.frexp(d.detach().abs().amax())
+    d = d / torch.ldexp(torch.ones((), dtype=d.dtype, device=d.device), exponent - 1)
+    return (d * torch.rsqrt(torch.dot(d, d))).to(acc)
 
 
 def psi_and_grad(diff: Tensor, norm: int, delta: float) -> tuple[Tensor, Tensor]:
