@@ -44,11 +44,11 @@ def unit_direction(direction: Tensor, dtype: torch.dtype) -> Tensor:
     """
     acc = acc_dtype(dtype)
     d = direction.to(torch.promote_types(direction.dtype, acc))
-    # The scale is the power of two just below the max, so the division is exact and r_hat has the
-    # same bits as r * rsqrt(r . r) wherever that did not overflow or underflow.
+    # A power of two near the max: the division is exact. Divided by the norm (not times rsqrt):
+    # autograd's tangent projection then cancels exactly where it must (D = 1 gives 0).
     _, exponent = torch.frexp(d.detach().abs().amax())
     d = d / torch.ldexp(torch.ones((), dtype=d.dtype, device=d.device), exponent - 1)
-    return (d * torch.rsqrt(torch.dot(d, d))).to(acc)
+    return (d / torch.linalg.vector_norm(d)).to(acc)
 
 
 def psi_and_grad(diff: Tensor, norm: int, delta: float) -> tuple[Tensor, Tensor]:
