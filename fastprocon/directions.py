@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from fastprocon.argtypes import non_negative_int, positive_int
 from fastprocon.data import format_prompt
 from fastprocon.io import check_output, read_safetensors, save_safetensors, write_json
-from fastprocon.models import LoadedModel, add_model_args, hidden_size, model_from_args, num_layers
+from fastprocon.models import (FINGERPRINT_VERSION, LoadedModel, add_model_args, check_fingerprint_version, hidden_size,
+                               model_from_args, num_layers)
 from fastprocon.plots import line_plot
 from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import on_layer_inputs
@@ -125,7 +126,8 @@ def extract_directions(loaded: LoadedModel, harmful: list[str], harmless: list[s
         raise ValueError("the mean difference is zero at every layer: are the two prompt sets identical?")
     norms = norms.masked_fill(undefined, 0.0)
     unit = (diff / norms.clamp_min(1e-300)[:, None]).masked_fill(undefined[:, None], 0.0)
-    metadata = {"model": loaded.name, "fingerprint": loaded.fingerprint, "hidden_size": diff.shape[1],
+    metadata = {"model": loaded.name, "fingerprint": loaded.fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
+                "hidden_size": diff.shape[1],
                 "num_layers": diff.shape[0], "n_harmful": len(harmful), "n_harmless": len(harmless),
                 "undefined_layers": undefined.nonzero().flatten().tolist(), "position": POSITION,
                 "template_example": format_prompt(loaded.tokenizer, "{prompt}"),
@@ -166,6 +168,8 @@ def load_directions(path: str | os.PathLike, *, expect_fingerprint: str | None =
     if expect_hidden is not None and ds.hidden_size != expect_hidden:
         raise ValueError(f"{path}: directions have length {ds.hidden_size} but the model's hidden size is "
                          f"{expect_hidden} (file made from model {meta.get('model')!r})")
+    if expect_fingerprint is not None:
+        check_fingerprint_version(meta, path, "`fastprocon directions`")
     if expect_fingerprint is not None and meta.get("fingerprint") != expect_fingerprint:
         raise ValueError(
             f"{path}: directions were extracted from another model: file has model {meta.get('model')!r} "
@@ -296,24 +300,37 @@ def run(args: argparse.Namespace) -> int:
                             "--harmful-val": args.harmful_val, "--harmless-val": args.harmless_val}, files=files)
     harmful, harmful_src = read_prompts(args.harmful, "harmful", args.max_prompts, args.seed)
     harmless, harmless_src = read_prompts(args.harmless, "harmless", args.max_prompts, args.seed)
-    loaded = model_from_args(args)
-    ds = extract_directions(loaded, harmful, harmless, args.batch_size,
-                            sources={"harmful": harmful_src, "harmless": harmless_src}, progress=True)
-    out = Path(args.out)
-    path = out / "directions.safetensors"
-    size = save_directions(ds, path)
-    print(f"wrote {path} ({ds.num_layers} layers x {ds.hidden_size}, {size / 1024:.1f} KiB) from "
-          f"{len(harmful)} harmful + {len(harmless)} harmless prompts")
-    if args.no_quality:
-        return 0
+    from fastprocon.train.distributed import tool_processes   # (fastprocon.train imports this module)
+
+    with tool_processes(args) as main:   # under torchrun: a sharded model, every rank runs every prompt
+        loaded = model_from_args(args)
+        ds = extract_directions(loaded, harmful, harmless, args.batch_size,
+                                sources={"harmful": harmful_src, "harmless": harmless_src}, progress=main)
+        out = Path(args.out)
+        path = out / "directions.safetensors"
+        if main:
+            size = save_directions(ds, path)
+            print(f"wrote {path} ({ds.num_layers} layers x {ds.hidden_size}, {size / 1024:.1f} KiB) from "
+                  f"{len(harmful)} harmful + {len(harmless)} harmless prompts")
+        if not args.no_quality:
+            _quality(args, ds, loaded, harmful, harmless, path, main)
+        del loaded
+    return 0
+
+
+def _quality(args: argparse.Namespace, ds: DirectionSet, loaded: LoadedModel, harmful: list[str],
+             harmless: list[str], path: Path, main: bool) -> None:
     harmful_val, harmful_val_src = read_prompts(args.harmful_val, "harmful_eval", args.max_val_prompts, args.seed)
     harmless_val, harmless_val_src = read_prompts(args.harmless_val, "harmless_eval", args.max_val_prompts, args.seed)
     overlap = len(set(harmful_val) & set(harmful)) + len(set(harmless_val) & set(harmless))
-    if overlap:
+    if overlap and main:
         print(f"warning: {overlap} held-out prompts also appear in the training prompts")
-    report = separation_report(ds, loaded, harmful_val, harmless_val, args.batch_size, progress=True)
+    report = separation_report(ds, loaded, harmful_val, harmless_val, args.batch_size, progress=main)
+    if not main:
+        return
+    out = Path(args.out)
     report = {"model": loaded.name, "fingerprint": loaded.fingerprint, "directions": str(path),
-              "train": {"harmful": harmful_src, "harmless": harmless_src},
+              "train": {"harmful": ds.metadata["sources"]["harmful"], "harmless": ds.metadata["sources"]["harmless"]},
               "val": {"harmful": harmful_val_src, "harmless": harmless_val_src},
               "val_train_overlap": overlap, **report}
     write_json(out / "quality.json", report)
@@ -321,4 +338,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"best layer {report['best_layer']}: AUROC {report['best_auroc']:.3f}, Cohen's d "
           f"{report['best_cohens_d']:.2f} on {len(harmful_val)} harmful + {len(harmless_val)} harmless held-out "
           f"prompts; wrote {out / 'quality.json'} and {out / 'quality.png'}")
-    return 0

@@ -107,19 +107,25 @@ def run(args: argparse.Namespace) -> int:
     initial = load_directions(args.directions)
     given = [load_instructions(path) if path else None for path in (args.harmful, args.harmless)]
     harmful, harmless = initial_prompts(initial, *given, where=args.directions)
+    from fastprocon.train.distributed import tool_processes   # (fastprocon.train imports directions)
+
     entries = []
-    for label, checkpoint in zip(labels, args.checkpoints):
-        loaded = model_from_args(args, checkpoint)
-        ds = extract_directions(loaded, harmful, harmless, args.batch_size, progress=True)
-        if ds.directions.shape != initial.directions.shape:
-            raise ValueError(f"checkpoint {checkpoint} has {ds.num_layers} layers x {ds.hidden_size} but the "
-                             f"directions in {args.directions} are {initial.num_layers} x {initial.hidden_size}")
-        entries.append(drift_entry(label, checkpoint, ds, direction_cosines(initial, ds)))
-        print(f"{label}: mean cosine {entries[-1]['mean_cosine']:.4f}, lowest {entries[-1]['min_cosine']:.4f} "
-              f"at layer {entries[-1]['min_layer']}")
-        del loaded
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with tool_processes(args) as main:   # under torchrun: each checkpoint sharded over the processes
+        for label, checkpoint in zip(labels, args.checkpoints):
+            loaded = model_from_args(args, checkpoint)
+            ds = extract_directions(loaded, harmful, harmless, args.batch_size, progress=main)
+            del loaded
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if ds.directions.shape != initial.directions.shape:
+                raise ValueError(f"checkpoint {checkpoint} has {ds.num_layers} layers x {ds.hidden_size} but the "
+                                 f"directions in {args.directions} are {initial.num_layers} x {initial.hidden_size}")
+            entries.append(drift_entry(label, checkpoint, ds, direction_cosines(initial, ds)))
+            if main:
+                print(f"{label}: mean cosine {entries[-1]['mean_cosine']:.4f}, lowest {entries[-1]['min_cosine']:.4f} "
+                      f"at layer {entries[-1]['min_layer']}")
+    if not main:
+        return 0
     report = {"initial": {"directions": args.directions, "model": initial.metadata.get("model"),
                           "fingerprint": initial.metadata.get("fingerprint")},
               "n_harmful": len(harmful), "n_harmless": len(harmless), "num_layers": initial.num_layers,

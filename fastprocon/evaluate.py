@@ -85,6 +85,7 @@ def greedy_completions(loaded: LoadedModel, prompts: list[str], *, max_new_token
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
+    sharded = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos - {None}),
@@ -97,7 +98,8 @@ def greedy_completions(loaded: LoadedModel, prompts: list[str], *, max_new_token
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             ids, mask = pad_batch([encoded[i] for i in chunk], tokenizer.pad_token_id, "left", device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # synced_gpus: a sharded model's ranks keep stepping together until every rank is done
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=sharded)
             texts = tokenizer.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
             batch_scores = refusal_score(out.logits[0], score_tokens).tolist() if score_tokens else None
             for k, i in enumerate(chunk):
@@ -172,11 +174,17 @@ def run(args: argparse.Namespace) -> int:
     _check_steer_args(args)
     harmful, harmful_src = read_prompts(args.harmful, "harmful_eval", args.max_prompts, args.seed)
     harmless, harmless_src = read_prompts(args.harmless, "harmless_eval", args.max_prompts, args.seed)
-    loaded = model_from_args(args)
-    steering, steer_info = _steering(args, loaded)
-    with steering:
-        report = evaluate_refusal(loaded, harmful, harmless, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, score=not args.no_refusal_score, progress=True)
+    from fastprocon.train.distributed import tool_processes   # (fastprocon.train imports directions)
+
+    with tool_processes(args) as main:   # under torchrun: a sharded model, every rank runs every prompt
+        loaded = model_from_args(args)
+        steering, steer_info = _steering(args, loaded)
+        with steering:
+            report = evaluate_refusal(loaded, harmful, harmless, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.batch_size, score=not args.no_refusal_score, progress=main)
+        del loaded, steering
+    if not main:
+        return 0
     report = {**report, "data": {"harmful": harmful_src, "harmless": harmless_src}, "steering": steer_info}
     write_json(args.out, report)
     m = report["metrics"]

@@ -38,7 +38,8 @@ from fastprocon.data import (
 )
 from fastprocon.directions import DirectionSet, directions_hash, load_directions_for
 from fastprocon.io import check_output, read_safetensors, save_safetensors
-from fastprocon.models import LoadedModel, add_model_args, model_from_args
+from fastprocon.models import (FINGERPRINT_VERSION, LoadedModel, add_model_args, check_fingerprint_version,
+                               model_from_args)
 from fastprocon.penalty import procon_penalty
 from fastprocon.steering import on_layer_inputs
 
@@ -118,6 +119,8 @@ class ReferenceCache:
         expected = {"model_fingerprint": model_fingerprint, "directions_hash": directions_hash,
                     "max_length": max_length, "dataset_hash": dataset_hash,
                     "layers": None if layers is None else [int(l) for l in layers]}
+        if model_fingerprint is not None:
+            check_fingerprint_version(header, f"reference cache {path}", "`fastprocon reference`")
         for name, want in expected.items():
             if want is not None and header.get(name) != want:
                 raise ValueError(f"reference cache {path} does not match: {name} expected {want!r}, found "
@@ -143,7 +146,7 @@ class ReferenceCache:
             if len(ex.input_ids) > max_length or len(ex.labels) != len(ex.input_ids):
                 raise ValueError(f"sample {ex.id!r}: {len(ex.input_ids)} tokens, {len(ex.labels)} labels; "
                                  f"needs equal lengths <= max_length={max_length}")
-        header = {"model": loaded.name, "model_fingerprint": loaded.fingerprint,
+        header = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
                   "directions_hash": directions_hash(directions), "dataset_hash": dataset_hash(tokenized),
                   "max_length": int(max_length), "layers": layers, "storage_dtype": storage_dtype,
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -148,7 +148,7 @@ def test_damaged_model_directory_names_itself(tiny, tmp_path):
     tiny.tokenizer.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(ValueError, match=f"cannot load the model in {tmp_path}: "):
+    with pytest.raises(ValueError, match=f"{weights}: truncated: tensor "):
         load_model(str(tmp_path))
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,26 @@ def shutdown(ctx: DistContext, *, clean: bool = True) -> None:
         finally:
             gc.collect()
             dist.destroy_process_group()
+
+
+@contextmanager
+def tool_processes(args) -> Iterator[bool]:
+    """For a tool (directions, drift, eval-refusal): under torchrun (WORLD_SIZE > 1) the process
+    group for the whole command (gloo on CPU, nccl on CUDA; ``args.device`` becomes this process's
+    GPU), so models load sharded (models.model_from_args); nothing otherwise. Yields whether this
+    process writes the outputs (rank 0). Drop the model before the block ends (see shutdown)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield not dist.is_initialized() or dist.get_rank() == 0
+        return
+    ctx = init_distributed("cuda" if args.device.startswith("cuda") else args.device)
+    if ctx.device.type == "cuda":
+        args.device = str(ctx.device)
+    clean = False
+    try:
+        yield ctx.is_main
+        clean = True
+    finally:
+        shutdown(ctx, clean=clean)
 
 
 def barrier() -> None:

@@ -1,12 +1,14 @@
 """What a run needs before its first step: the model, the tokenized data, the refusal directions
 and the reference projections z0, each loaded and checked, or made when absent.
 
-Everything here runs on the unwrapped model (before LoRA, activation checkpointing and FSDP),
-on every process; files are written by rank 0 (directions) or by all ranks together (the
-reference cache), then read and checked by all.
+The model is the training model itself (LoRA, activation checkpointing and FSDP2 applied when
+it was built, see :func:`wrap_for_training`), run as the initial model (:func:`initial_model`:
+eval mode, adapters off, no gradients) by every process together: directions are computed by
+all ranks and written by rank 0; the reference cache is built by all ranks together.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,9 +31,10 @@ from fastprocon.directions import (
     load_directions_for,
     save_directions,
 )
-from fastprocon.models import LoadedModel
+from fastprocon.models import LoadedModel, decoder_layers
 from fastprocon.reference import ReferenceCache, parse_layers
 from fastprocon.train.config import Config
+from fastprocon.train import distributed as D
 from fastprocon.train.distributed import DistContext, barrier, broadcast_object
 
 
@@ -89,12 +92,13 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
     directions_path = Path(p.directions) if p.directions else run_dir / "directions.safetensors"
     # rank 0 decides for everyone: a rank that looked later could see rank 0's new file
     if broadcast_object(not directions_path.exists()):
-        if ctx.is_main:
-            say(f"making refusal directions -> {directions_path}")
-            harmful = load_instructions(resolve_data_path(p.harmful))
-            harmless = load_instructions(resolve_data_path(p.harmless))
+        say(f"making refusal directions -> {directions_path}")
+        harmful = load_instructions(resolve_data_path(p.harmful))
+        harmless = load_instructions(resolve_data_path(p.harmless))
+        with initial_model(loaded.model):   # every rank: the forwards of a sharded model are collective
             ds = extract_directions(loaded, harmful, harmless, p.direction_batch_size,
-                                    sources={"harmful": p.harmful, "harmless": p.harmless}, progress=True)
+                                    sources={"harmful": p.harmful, "harmless": p.harmless}, progress=ctx.is_main)
+        if ctx.is_main:
             save_directions(ds, directions_path)
         barrier()
     else:
@@ -108,8 +112,9 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
     reference_path = Path(p.reference_cache) if p.reference_cache else run_dir / "reference.safetensors"
     if broadcast_object(not reference_path.exists()):
         say(f"recording reference projections z0 -> {reference_path}")
-        ReferenceCache.build(loaded, directions, data.examples, layers, cfg.data.max_length, reference_path,
-                             storage_dtype=p.reference_dtype, progress=ctx.is_main)
+        with initial_model(loaded.model):
+            ReferenceCache.build(loaded, directions, data.examples, layers, cfg.data.max_length, reference_path,
+                                 storage_dtype=p.reference_dtype, progress=ctx.is_main)
     else:
         say(f"using reference projections {reference_path}")
     reference = ReferenceCache.load(reference_path, model_fingerprint=loaded.fingerprint,
@@ -118,8 +123,39 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
     return ProConInputs(directions, directions_path, layers, reference, reference_path)
 
 
+def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """LoRA (when model.lora), activation checkpointing (when asked), FSDP2: applied to the
+    meta-device model before its weights are loaded (see models.load_model)."""
+    model = apply_lora(cfg, model) if cfg.model.lora else model
+    layers = decoder_layers(model)
+    if cfg.model.activation_checkpointing:
+        D.apply_activation_checkpointing(layers)
+    D.shard_model(model, layers, D.mixed_precision_dtype(cfg.model.mixed_precision, device))
+    return model
+
+
+@contextlib.contextmanager
+def initial_model(model: torch.nn.Module):
+    """``model`` as the initial model: eval mode, LoRA adapters off (they start at zero anyway),
+    no gradients; the training mode is restored afterwards. On GPU with bf16 mixed precision the
+    forward computes in bf16, as the training forward does."""
+    was_training = model.training
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    model.eval()
+    try:
+        with torch.no_grad(), adapters_off:
+            yield model
+    finally:
+        model.train(was_training)
+        if hasattr(model, "reshard"):   # FSDP2 keeps the root unsharded after a forward: the optimizer
+            model.reshard()             # and checkpoints must see the sharded parameters
+
+
 def apply_lora(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
-    """Wrap ``model`` with LoRA adapters on q/k/v/o (base weights frozen). Needs ``peft``."""
+    """Wrap ``model`` with LoRA adapters on q/k/v/o (base weights frozen). Needs ``peft``.
+
+    On a meta-device model the adapters are placeholders: loading.load_weights gives them
+    PEFT's default init from cfg.train.seed (the same values whatever the process count)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
@@ -127,7 +163,6 @@ def apply_lora(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
     m = cfg.model
     config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-    # the same seed on every rank: each process initialises the full adapters before sharding
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):   # on a real model: the same adapters on every rank
         torch.manual_seed(cfg.train.seed)
         return get_peft_model(model, config)

@@ -33,7 +33,7 @@ from fastprocon.train.export import export_model
 from fastprocon.train.loss import ce_sum, example_counts, procon_scale, shift_labels
 from fastprocon.train.metrics import (MetricsLog, count_params, flops_per_token, peak_flops, peak_memory_gib,
                                       reset_peak_memory)
-from fastprocon.train.prepare import apply_lora, load_training_data, prepare_procon, run_dir_of
+from fastprocon.train.prepare import load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.schedule import AlphaSchedule, WarmupCosine, follow_config
 
 _NO_BAD_STEP = 2**62
@@ -77,7 +77,9 @@ class Trainer:
         D.barrier()
         torch.manual_seed(cfg.train.seed)
 
-        loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device)
+        # built on the meta device, wrapped (LoRA, checkpointing, FSDP2), then each process reads its shards
+        loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
+                            wrap=lambda model: wrap_for_training(cfg, model, ctx.device))
         self.model_name, self.model_fingerprint = loaded.name, loaded.fingerprint
         self.data = load_training_data(cfg, loaded.tokenizer)
         self.say(f"model {loaded.name}: {num_layers(loaded.model)} layers, hidden {hidden_size(loaded.model)}; "
@@ -94,12 +96,7 @@ class Trainer:
         procon_used = any(self.alpha(s) > 0 for s in range(self.max_steps))
         self.procon = prepare_procon(cfg, loaded, self.data, self.run_dir, ctx, self.say) if procon_used else None
 
-        model = apply_lora(cfg, loaded.model) if cfg.model.lora else loaded.model
-        model.train()
-        layers = decoder_layers(model)
-        if cfg.model.activation_checkpointing:
-            D.apply_activation_checkpointing(layers)
-        D.shard_model(model, layers, D.mixed_precision_dtype(cfg.model.mixed_precision, ctx.device))
+        model = loaded.model.train()
         self.model = model
         self.hooks = None
         if self.procon is not None:
