@@ -130,7 +130,9 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.split("gpu_check summary (cpu)")[-1]
-    for stage in ("GPU tests (kernels, trainer)", "API error tests", "bench_penalty", "bench_train", "report"):
+    for stage in ("GPU tests (kernels, trainer)", "API error tests", "bench_penalty", "bench_train", "load_8b",
+                  "report"):
         assert re.search(rf"{re.escape(stage)}\s+ok\n", summary), (stage, summary)
     assert {p.name for p in tmp_path.iterdir()} == {"penalty_cpu.csv", "train_cpu.csv", "penalty_cpu.png",
-                                                     "train_cpu.png", "README_perf.md", "gpu_check.log"}
+                                                     "train_cpu.png", "README_perf.md", "gpu_check.log",
+                                                     "load8b_cpu.csv"}
