@@ -42,7 +42,8 @@ def write_random_model(directory: Path, shapes: dict, device: torch.device) -> i
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fastprocon.loading import INDEX_FILE, tiny_tokenizer
+    from fastprocon.loading import INDEX_FILE
+    from fastprocon.specs import tiny_tokenizer
 
     config = LlamaConfig(**shapes, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
     with torch.device("meta"):

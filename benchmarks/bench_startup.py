@@ -46,7 +46,7 @@ def write_model(directory: Path, args) -> int:
     Returns the parameter count."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fastprocon.loading import tiny_tokenizer
+    from fastprocon.specs import tiny_tokenizer
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(*argv[1:])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--layers", type=int, default=17)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--inter", type=int, default=4096)
     p.add_argument("--heads", type=int, default=12)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "or ~/.cache/fastprocon/bench)")
     p.add_argument("--out", default=str(harness.RESULTS_DIR / "startup_cpu.csv"))
     args = p.parse_args(argv)
-    from fastprocon.loading import cache_root
+    from fastprocon.specs import cache_root
 
     shape = f"llama-l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-bf16"
     directory = Path(args.model_dir) if args.model_dir else cache_root().parent / "bench" / shape

