@@ -11,8 +11,9 @@ optimizer state is small):
   meta device, then each process reads only its shards (fastprocon.loading).
 
 Per process: the peak resident set from launch to the end of the first step (``ru_maxrss``,
-which includes the interpreter and torch, ~0.4 GiB), and its growth over the resident set
-after the imports. The two paths alternate (``--rounds``) in one run, so both see the same
+which includes the interpreter and torch, ~0.4 GiB, and the pages of the memory-mapped
+safetensors files a process touched), its growth over the resident set after the imports, and
+the peak up to the end of the load (before the step). The two paths alternate (``--rounds``) in one run, so both see the same
 machine load; the load average is recorded with each row. Target: sharded <= 0.6 x today's peak.
 
     python benchmarks/bench_startup.py                   # writes benchmarks/results/startup_cpu.csv
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 FIELDS = (*harness.ENV_FIELDS, "path", "round", "processes", "params_m", "file_mib", "peak_rss_mib",
-          "growth_mib", "baseline_mib", "seconds", "load_avg_1m")
+          "growth_mib", "baseline_mib", "load_peak_mib", "seconds", "load_avg_1m")
 PATHS = ("from_pretrained", "sharded")
 
 
@@ -108,6 +109,7 @@ def worker(path: str, directory: str, out: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
         model_fingerprint(model)
         model = wrap(model)
+    loaded_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -115,7 +117,7 @@ def worker(path: str, directory: str, out: str) -> None:
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
-    row = {"peak_rss_mib": peak, "growth_mib": peak - baseline, "baseline_mib": baseline,
+    row = {"peak_rss_mib": peak, "growth_mib": peak - baseline, "baseline_mib": baseline, "load_peak_mib": loaded_peak,
            "seconds": time.perf_counter() - t0}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)

@@ -130,8 +130,16 @@ def _gguf_plain_copy(gguf: Path) -> Path:
     def write(staging: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from safetensors.torch import save_model
+
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _save_plain(model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), staging)
+        if hasattr(model.config, "quantization_config"):   # the copy is plain fp32 (save_pretrained refuses GGUF)
+            del model.config.quantization_config
+        model.config.save_pretrained(staging)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+        save_model(model, str(staging / SINGLE_FILE), metadata={"format": "pt"})   # keeps one of tied weights
     return _cached_copy(name, write)
 
 

@@ -153,7 +153,7 @@ def mixed_precision_dtype(setting: str, device: torch.device) -> torch.dtype | N
 
 
 def shard_model(model: nn.Module, layers: nn.ModuleList, param_dtype: torch.dtype | None) -> None:
-    """FSDP2: ``fully_shard`` each decoder layer, then the root (torchtitan's layout).
+    """FSDP2: ``fully_shard`` each decoder layer, the untied embeddings, then the root (torchtitan's layout).
 
     With ``param_dtype`` (bf16) parameters are gathered and computed in it while gradients
     are reduced in fp32 and the sharded master weights stay fp32.
@@ -165,4 +165,14 @@ def shard_model(model: nn.Module, layers: nn.ModuleList, param_dtype: torch.dtyp
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, **kwargs)
+    # untied input and output embeddings as units of their own (torchtitan's layout): each is
+    # gathered only around its own use, not for the whole forward with the root (tied ones stay in
+    # the root: one parameter belongs to one unit)
+    from fastprocon.models import unwrap_model
+
+    base = unwrap_model(model)
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if embed is not None and head is not None and embed.weight is not head.weight:
+        fully_shard(embed, **kwargs)
+        fully_shard(head, **kwargs)
     fully_shard(model, **kwargs)
