@@ -13,7 +13,11 @@ optimizer state is small):
 Per process: the peak resident set from launch to the end of the first step (``ru_maxrss``,
 which includes the interpreter and torch, ~0.4 GiB, and the pages of the memory-mapped
 safetensors files a process touched), its growth over the resident set after the imports, and
-the peak up to the end of the load (before the step). The two paths alternate (``--rounds``) in one run, so both see the same
+the peak up to the end of the load (before the step). As for every CPU memory figure here,
+glibc's mmap threshold is fixed at 64 KiB first (benchmarks/harness.py), so a freed tensor
+leaves the resident set; with glibc's default dynamic threshold, freed blocks under 32 MiB
+(a layer's gathered weights, each file slice read) stay resident and the high-water mark
+measures the allocator's cache too (FASTPROCON_BENCH_GLIBC_DEFAULT=1 measures that way). The two paths alternate (``--rounds``) in one run, so both see the same
 machine load; the load average is recorded with each row. Target: sharded <= 0.6 x today's peak.
 
     python benchmarks/bench_startup.py                   # writes benchmarks/results/startup_cpu.csv
@@ -90,6 +94,8 @@ def worker(path: str, directory: str, out: str) -> None:
     from fastprocon.train.distributed import shard_model
     from fastprocon.train.prepare import apply_lora
 
+    if os.environ.get("FASTPROCON_BENCH_GLIBC_DEFAULT") != "1":
+        harness.prepare_cpu_memory_measurement()   # freed tensors leave the resident set (harness docstring)
     baseline = _rss_mib()   # after the imports: interpreter, torch, transformers
     t0 = time.perf_counter()
     dist.init_process_group("gloo")
