@@ -144,6 +144,29 @@ def test_bad_input_is_a_one_line_error(tiny_directions, tmp_path):
     procon.remove()
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients_and_penalty(tiny_directions, reentrant):
+    results = []
+    for checkpointing in (False, True):
+        loaded = load_model("tiny")
+        model, tok = loaded.model, loaded.tokenizer
+        batch = tiny_batches(tok, n=4)[0]
+        procon = ProCon(model, tok, alpha=1.0, directions=str(tiny_directions))
+        procon.record_reference([batch])
+        perturb(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.train()
+        procon.begin_step(0, [batch])
+        model(**batch).loss.backward()
+        results.append(({n: p.grad for n, p in model.named_parameters()}, procon.log_values()["procon"]))
+        procon.remove()
+    (plain, plain_value), (ckpt, ckpt_value) = results
+    assert ckpt_value == pytest.approx(plain_value, rel=1e-6) and plain_value > 1
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # -- TRL --------------------------------------------------------------------------------------------
 
 def perturb(model):
@@ -240,7 +263,7 @@ def test_packed_trl_batches_find_the_right_z0(tmp_path, tiny_directions):
         loaded = load_model("tiny")
         config = SFTConfig(output_dir=str(tmp_path / f"p{packing}"), max_steps=1, per_device_train_batch_size=4,
                            learning_rate=1e-9, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                           max_length=96, packing=packing, padding_free=packing, seed=0)
+                           max_length=96, packing=packing, padding_free=packing, seed=0, bf16=False)
         trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=loaded.tokenizer)
         batch = next(iter(trainer.get_train_dataloader()))
@@ -295,3 +318,36 @@ def test_safety_mix_adds_k_refusal_rows_in_the_dataset_format():
     assert [r["messages"] for r in with_safety_samples(chat, 3, seed=1)] == [r["messages"] for r in mixed]
     with pytest.raises(ValueError, match="expected 'messages' or 'prompt'"):
         with_safety_samples(Dataset.from_list([{"text": "x"}]), 1)
+
+
+def test_torchrun_fsdp_example(tmp_path):
+    import json
+    import os
+    import subprocess
+    env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(REPO / "examples" / "torchrun_fsdp.sh"), "max_steps=2", "export=false",
+                          "log_every=1"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["final_step"] == 2 and summary["last_procon"] is not None
+
+
+def test_lora_model_takes_base_directions_and_adapters_off_z0(tiny_directions):
+    from peft import LoraConfig, get_peft_model
+    loaded = load_model("tiny")
+    model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    procon = ProCon(model, loaded.tokenizer, alpha=1.0, directions=str(tiny_directions))  # made for the base model
+    assert procon.cfg.reference == "adapters_off" and not procon.needs_reference
+    batches = tiny_batches(loaded.tokenizer)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    values = []
+    for step in range(2):
+        procon.begin_step(step, batches)
+        for b in batches:
+            model(**b).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        values.append(procon.log_values()["procon"])
+    assert values[0] == 0 and values[1] > 1e-3, values    # LoRA starts as the identity: z = z0 exactly
+    procon.remove()

@@ -52,6 +52,26 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """models.model_fingerprint of the model as it was before PEFT wrapped it, so directions made
+    by `fastprocon directions` for the base model match a LoRA-wrapped copy: the LoRA parameters
+    are left out and PEFT's ``.base_layer`` / ``.original_module`` names mapped back."""
+    if not is_peft(model):
+        return model_fingerprint(model)
+    base = unwrap_model(model)
+    params = [(n.replace(".base_layer.", ".").replace(".original_module.", "."), p)
+              for n, p in base.named_parameters() if "lora_" not in n and ".modules_to_save." not in n]
+
+    class Unwrapped(nn.Module):           # the fingerprint reads type name, config and named_parameters
+        def named_parameters(self, *args, **kwargs):
+            return iter(params)
+
+    Unwrapped.__name__ = type(base).__name__
+    view = Unwrapped()
+    view.config = base.config
+    return model_fingerprint(view)
+
+
 def refuse_sharded(model: nn.Module) -> None:
     """FSDP (1 or 2), DeepSpeed and multi-process runs are out of scope: a clear error."""
     names = {type(m).__name__ for m in (model, unwrap_model(model))}
@@ -99,7 +119,7 @@ class ProCon:
         self.schedule = AlphaSchedule(cfg, steps_per_epoch or 1)
         self.device = next(model.parameters()).device
         name = getattr(unwrap_model(model).config, "_name_or_path", "") or type(unwrap_model(model)).__name__
-        self.loaded = LoadedModel(model, tokenizer, name, model_fingerprint(model))
+        self.loaded = LoadedModel(model, tokenizer, name, base_fingerprint(model))
         self.directions = self._directions()
         self.layers = parse_layers(cfg.layers if isinstance(cfg.layers, str) else ",".join(map(str, cfg.layers)),
                                    self.directions)
