@@ -78,23 +78,29 @@ def tiny_batches(tokenizer, n=8, batch_size=4):
 
 # -- the plain loop: exact penalty at the initial weights, errors ---------------------------------
 
+def sgd_steps(procon, model, batches, n):
+    """``n`` SGD steps of a plain loop, each over all ``batches``; the logged penalty of each."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    values = []
+    for step in range(n):
+        procon.begin_step(step, batches)
+        for b in batches:
+            model(**b).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        values.append(procon.log_values()["procon"])
+    return values
+
+
 def test_plain_loop_penalty_is_zero_at_the_initial_weights_then_grows(tiny_directions):
     loaded = load_model("tiny")
     model, tok = loaded.model, loaded.tokenizer
     batches = tiny_batches(tok)
     procon = ProCon(model, tok, alpha=1.0, directions=str(tiny_directions))
     procon.record_reference(batches[::-1])             # recorded in another order and batch position
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    values = []
-    for step in range(2):
-        procon.begin_step(step, batches)
-        for b in batches:
-            model(**b).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        values.append(procon.log_values())
-    assert values[0]["procon"] < 1e-4 and values[1]["procon"] > 1e-2, values
+    values = sgd_steps(procon, model, batches, 2)
+    assert values[0] < 1e-4 and values[1] > 1e-2, values
     model.eval()
     with torch.no_grad():                               # evaluation forwards are not constrained
         model(**batches[0])
@@ -280,27 +286,42 @@ def test_packed_trl_batches_find_the_right_z0(tmp_path, tiny_directions):
 
 def run_example(name, *argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [name, *argv])
-    runpy.run_path(str(REPO / "examples" / name), run_name="__main__")
-    return capsys.readouterr().out
+    module = runpy.run_path(str(REPO / "examples" / name), run_name="__main__")
+    return capsys.readouterr().out, module
 
 
 def test_custom_loop_example(monkeypatch, capsys):
-    out = run_example("custom_loop.py", "--steps", "2", monkeypatch=monkeypatch, capsys=capsys)
+    out, _ = run_example("custom_loop.py", "--steps", "2", monkeypatch=monkeypatch, capsys=capsys)
     assert "'step': 2" in out and "'procon_alpha': 0.1" in out, out[-2000:]
 
 
 def test_hf_trainer_example(tmp_path, monkeypatch, capsys):
-    out = run_example("hf_trainer.py", "--steps", "3", "--out", str(tmp_path), monkeypatch=monkeypatch,
-                      capsys=capsys)
+    out, _ = run_example("hf_trainer.py", "--steps", "3", "--out", str(tmp_path), monkeypatch=monkeypatch,
+                         capsys=capsys)
     lines = [line for line in out.splitlines() if line.startswith("{'step'")]
     assert len(lines) == 3 and "'procon_alpha': 1.0" in lines[0] and "'procon_alpha': 0.0" in lines[2], out[-2000:]
 
 
 @needs_trl
 def test_trl_sft_example(tmp_path, monkeypatch, capsys):
-    out = run_example("trl_sft.py", "--steps", "2", "--out", str(tmp_path), monkeypatch=monkeypatch, capsys=capsys)
+    from fastprocon.integrations.hf import steps_per_epoch
+    out, module = run_example("trl_sft.py", "--steps", "2", "--out", str(tmp_path), monkeypatch=monkeypatch,
+                              capsys=capsys)
     lines = [line for line in out.splitlines() if line.startswith("{'step'")]
     assert len(lines) == 2 and all("'procon_alpha': 1.0" in line for line in lines), out[-2000:]
+    # 48 benign + 16 safety rows, 4 per micro-batch, 2 micro-batches per step: the warm-up epoch is 8 steps
+    assert len(module["dataset"]) == 64 and steps_per_epoch(module["trainer"]) == 8
+
+
+def test_warmup_by_epochs_switches_at_the_epoch_boundary(tiny_directions):
+    loaded = load_model("tiny")
+    procon = ProCon(loaded.model, loaded.tokenizer, schedule="warmup", alpha=2.0, alpha_after=0.01,
+                    alpha_warmup_epochs=1.5, steps_per_epoch=4, directions=str(tiny_directions))
+    assert [procon.schedule(s) for s in range(8)] == [2.0] * 6 + [0.01] * 2
+    procon.remove()
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        ProCon(loaded.model, loaded.tokenizer, schedule="warmup", alpha_warmup_epochs=1.0,
+               directions=str(tiny_directions))
 
 
 @needs_trl
@@ -338,16 +359,6 @@ def test_lora_model_takes_base_directions_and_adapters_off_z0(tiny_directions):
     model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     procon = ProCon(model, loaded.tokenizer, alpha=1.0, directions=str(tiny_directions))  # made for the base model
     assert procon.cfg.reference == "adapters_off" and not procon.needs_reference
-    batches = tiny_batches(loaded.tokenizer)
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    values = []
-    for step in range(2):
-        procon.begin_step(step, batches)
-        for b in batches:
-            model(**b).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        values.append(procon.log_values()["procon"])
+    values = sgd_steps(procon, model, tiny_batches(loaded.tokenizer), 2)
     assert values[0] == 0 and values[1] > 1e-3, values    # LoRA starts as the identity: z = z0 exactly
     procon.remove()
