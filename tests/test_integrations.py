@@ -362,3 +362,17 @@ def test_lora_model_takes_base_directions_and_adapters_off_z0(tiny_directions):
     values = sgd_steps(procon, model, tiny_batches(loaded.tokenizer), 2)
     assert values[0] == 0 and values[1] > 1e-3, values    # LoRA starts as the identity: z = z0 exactly
     procon.remove()
+
+
+@pytest.mark.parametrize("setting, said", [({"is_fsdp_enabled": True}, "FSDP or DeepSpeed"),
+                                           ({"is_deepspeed_enabled": True}, "FSDP or DeepSpeed"),
+                                           ({"world_size": 2}, "2 processes"), ({"fp16": True}, "fp16")])
+def test_add_procon_refuses_sharded_multi_process_and_fp16_trainers(setting, said):
+    from types import SimpleNamespace
+
+    from fastprocon.integrations import add_procon
+    args = SimpleNamespace(world_size=setting.get("world_size", 1), fp16=setting.get("fp16", False))
+    trainer = SimpleNamespace(args=args, is_fsdp_enabled=setting.get("is_fsdp_enabled", False),
+                              is_deepspeed_enabled=setting.get("is_deepspeed_enabled", False))
+    with pytest.raises(ValueError, match=said):
+        add_procon(trainer)
