@@ -246,8 +246,16 @@ def test_one_trl_step_equals_one_fastprocon_train_step(tmp_path):
     assert log["procon_alpha"] == record["alpha"] == 0.5
     for name, g in grads.items():
         torch.testing.assert_close(seen[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # Adam's first step moves each weight by lr * g / (|g| + eps): where g is rounding noise around 0
+    # its sign decides the move, so the weights are compared where the gradient is not noise
+    # (gradients agree to atol 1e-6 + rtol 1e-4, so above 1e-4 their signs and these moves agree)
+    compared = total = 0
     for name, w in trainer.model.state_dict().items():
-        torch.testing.assert_close(w, weights[name], rtol=1e-5, atol=1e-6, msg=name)
+        g = grads[name if name in grads else "model.embed_tokens.weight"]    # lm_head is tied to embed_tokens
+        kept = g.abs() > 1e-4
+        compared, total = compared + int(kept.sum()), total + kept.numel()
+        torch.testing.assert_close(w[kept], weights[name][kept], rtol=1e-5, atol=1e-6, msg=name)
+    assert compared > total / 2, (compared, total)
 
 
 @needs_trl
