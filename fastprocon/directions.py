@@ -30,7 +30,7 @@ from fastprocon.io import check_output, read_safetensors, save_safetensors, writ
 from fastprocon.models import (FINGERPRINT_VERSION, LoadedModel, add_model_args, check_fingerprint_version, hidden_size,
                                model_from_args, num_layers)
 from fastprocon.plots import line_plot
-from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
+from fastprocon.prompts import context_length, encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import on_layer_inputs
 
 FORMAT = "fastprocon.directions"
@@ -82,7 +82,7 @@ def prompt_states(loaded: LoadedModel, prompts: list[str], batch_size: int = 16,
         raise ValueError("no prompts given")
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
-    encoded = encode_prompts(tokenizer, prompts)
+    encoded = encode_prompts(tokenizer, prompts, context_length(model))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     rows: list[torch.Tensor] = []   # filled by the hook: one [B, D] per layer, in layer order
     last: torch.Tensor | None = None
@@ -291,13 +291,18 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-quality", action="store_true", help="skip the held-out separation report")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the directions of a training run (--out is a run directory that has them)")
     p.set_defaults(func=run)
 
 
+QUALITY_FILES = ("quality.json", "quality.png")
+
+
 def run(args: argparse.Namespace) -> int:
-    files = ("directions.safetensors",) + (() if args.no_quality else ("quality.json", "quality.png"))
     check_output(args.out, {"--model": args.model, "--harmful": args.harmful, "--harmless": args.harmless,
-                            "--harmful-val": args.harmful_val, "--harmless-val": args.harmless_val}, files=files)
+                            "--harmful-val": args.harmful_val, "--harmless-val": args.harmless_val},
+                 files=("directions.safetensors", *QUALITY_FILES), force=args.force)
     harmful, harmful_src = read_prompts(args.harmful, "harmful", args.max_prompts, args.seed)
     harmless, harmless_src = read_prompts(args.harmless, "harmless", args.max_prompts, args.seed)
     from fastprocon.train.distributed import tool_processes   # (fastprocon.train imports this module)
@@ -309,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         path = out / "directions.safetensors"
         if main:
+            for stale in QUALITY_FILES:   # an earlier run's report must not pass for these directions
+                (out / stale).unlink(missing_ok=True)
             size = save_directions(ds, path)
             print(f"wrote {path} ({ds.num_layers} layers x {ds.hidden_size}, {size / 1024:.1f} KiB) from "
                   f"{len(harmful)} harmful + {len(harmless)} harmless prompts")

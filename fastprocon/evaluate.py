@@ -18,7 +18,7 @@ from fastprocon.argtypes import finite_float, non_negative_int, positive_int
 from fastprocon.directions import load_directions_for
 from fastprocon.io import check_output, write_json
 from fastprocon.models import LoadedModel, add_model_args, model_from_args
-from fastprocon.prompts import encode_prompts, pad_batch, read_prompts
+from fastprocon.prompts import context_length, encode_prompts, pad_batch, read_prompts
 from fastprocon.steering import activation_addition, directional_ablation
 
 REFUSAL_PHRASES = (
@@ -90,7 +90,12 @@ def greedy_completions(loaded: LoadedModel, prompts: list[str], *, max_new_token
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos - {None}),
                               return_dict_in_generate=True, output_logits=score_tokens is not None)
-    encoded = encode_prompts(tokenizer, prompts)
+    context = context_length(model)
+    if context is not None and max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens")
+    encoded = encode_prompts(tokenizer, prompts, None if context is None else context - max_new_tokens,
+                             f"the model's context ({context}) less max_new_tokens ({max_new_tokens})")
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     completions: list[str] = [""] * len(prompts)
     scores: list[float] = [0.0] * len(prompts)

@@ -41,14 +41,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
+# a directory holding one of these is a training run's directory (see fastprocon.train)
+RUN_DIR_MARKERS = ("config.toml", "metrics.jsonl", "checkpoints")
+
+
+def owning_run(file: str | os.PathLike) -> Path | None:
+    """The training run directory ``file`` sits in (one of :data:`RUN_DIR_MARKERS` beside it), or None."""
+    parent = Path(file).parent
+    return parent if any((parent / marker).exists() for marker in RUN_DIR_MARKERS) else None
+
+
 def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None] | None = None, *,
-                 arg: str = "--out", files: Iterable[str] | None = None) -> Path:
+                 arg: str = "--out", files: Iterable[str] | None = None, force: bool | None = None) -> Path:
     """Check before any work that a command's output ``path`` (the value of ``arg``) can be written.
 
     ``files`` None: ``path`` is an output file; else it is an output directory that gets these
     file names. Each file written must not be an existing directory nor the same file as one of
     ``inputs`` (argument name -> path; missing or None entries are skipped), and no existing
-    parent may be a regular file. Raises ValueError naming ``arg``; returns ``path`` as a Path.
+    parent may be a regular file. With ``force`` False, an existing file in a training run's
+    directory (:func:`owning_run`) is refused too: replacing a run's directions or reference cache
+    would change what it resumes with. Raises ValueError naming ``arg``; returns ``path`` as a Path.
     """
     path = Path(path)
     if files is None:
@@ -69,6 +81,10 @@ def check_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike
                 raise ValueError(f"{arg} {path}: directory {parent} is not writable")
             break
     for target in targets:
+        run = owning_run(target) if force is False and target.is_file() else None
+        if run is not None:
+            raise ValueError(f"{arg} {path}: {target} exists and belongs to the training run in {run}; replacing "
+                             "it would change what that run resumes with. Write elsewhere, or pass --force")
         if files is not None and target.is_dir():
             raise ValueError(f"{arg} {path}: {target} is a directory, but the command writes a file there")
         for name, source in (inputs or {}).items():

@@ -43,6 +43,8 @@ def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor]
     _check_float("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [N, D] or [B, T, D], got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden has no features: its last dim D is 0 (shape {tuple(hidden.shape)})")
     _check_float("direction", direction)
     D = hidden.shape[-1]
     if direction.dim() != 1 or direction.shape[0] != D:
@@ -100,6 +102,15 @@ def resolve_backend(backend: str, hidden: Tensor) -> str:
 
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1)
+
+
+def _excluding_weight_zero(reference: Optional[Tensor], weight: Optional[Tensor]) -> Optional[Tensor]:
+    """z0 with 0 where the weight is 0 and z0 is not finite: such a token is excluded entirely (a
+    NaN there would otherwise give 0 * NaN = NaN in the loss and the coefficients). A finite z0 is
+    kept, so dL/dweight = g psi(z - z0) stays exact at weight-0 tokens."""
+    if reference is None or weight is None:
+        return reference
+    return reference.masked_fill((weight == 0) & ~torch.isfinite(reference), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +246,7 @@ def _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, 
     h2 = hidden.reshape(-1, hidden.shape[-1])  # a view whenever the strides allow
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
+    reference = _excluding_weight_zero(reference, weight)
     return h2, ops.unit_direction(direction, hidden.dtype), _rows(reference), _rows(weight), backend
 
 
@@ -269,6 +281,7 @@ def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor
     """
     if backend == "reference":
         _check_inputs(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
+        reference = _excluding_weight_zero(reference, weight)
         loss, z = ops.procon_penalty_ref(hidden, direction, reference, weight, norm=norm, delta=delta, scale=scale)
         return (loss, z.detach()) if return_projection else loss
     h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)

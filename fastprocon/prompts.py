@@ -8,15 +8,37 @@ import torch
 from fastprocon.data import builtin_path, format_prompt, load_instructions
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int | None = None,
+                   why: str = "the model's context") -> list[list[int]]:
     """Token ids of each prompt rendered by the chat template with the generation prompt.
 
     No special tokens are added on top: the template already holds whatever the model expects.
+    ``max_tokens``: a prompt longer than this is a ValueError naming it (index and first
+    characters) and ``why`` the limit is what it is. Prompts are never cut: a cut prompt
+    (either end) is another prompt, and its result would pass for the original's.
     """
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt {i} is empty or not a string: {prompt!r}")
-    return [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    if max_tokens is not None:
+        for i, ids in enumerate(encoded):
+            if len(ids) > max_tokens:
+                head = " ".join(prompts[i].split())[:40]
+                raise ValueError(f"prompt {i} ({head!r}...) is {len(ids)} tokens with the chat template, more than "
+                                 f"the {max_tokens} of {why}; shorten or remove it")
+    return encoded
+
+
+def context_length(model) -> int | None:
+    """The model's context length in tokens (its config's max_position_embeddings or an alias),
+    or None when the config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -332,12 +332,15 @@ def register(subparsers) -> None:
                    help="drop examples whose prompt alone fills --max-length (as the trainer's "
                         "data.drop_overlong_prompts; otherwise they are an error)")
     p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a training run's reference cache (--out is an existing file in a run directory)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     data_path = resolve_data_path(args.data)
-    check_output(args.out, {"--model": args.model, "--directions": args.directions, "--data": data_path})
+    check_output(args.out, {"--model": args.model, "--directions": args.directions, "--data": data_path},
+                 force=args.force)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if distributed:
         cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")

@@ -5,6 +5,7 @@ precision, and the errors for mismatched directions, reference caches, checkpoin
 corrupt checkpoints and metrics, missing explicit paths, a used or locked run directory."""
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -359,17 +360,38 @@ def truncate_shard(ckpt):
 
 
 @pytest.mark.parametrize("damage,said", [
-    (truncate_shard, "EOFError"),
-    (lambda c: (c / ".metadata").unlink(), "metadata"),
-    (lambda c: (c / "trainer_state.json").write_text("{"), "trainer_state.json: JSONDecodeError"),
-    (lambda c: (c / "rng_rank0.pt").write_bytes(b"garbage"), "rng_rank0.pt"),
+    (truncate_shard, r"__0_0.distcp has 100 bytes, the manifest says \d+"),
+    (lambda c: (c / ".metadata").unlink(), r"\.metadata is missing"),
+    (lambda c: (c / "trainer_state.json").write_text("{"), r"trainer_state.json has 1 bytes"),
+    (lambda c: (c / "rng_rank0.pt").write_bytes(b"garbage"), r"rng_rank0.pt has 7 bytes"),
 ])
-def test_a_corrupt_checkpoint_names_itself_and_the_previous_one(short_run, tmp_path, damage, said):
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(short_run, tmp_path, capsys, damage, said):
     run_dir = copy_of(short_run, tmp_path)
     damage(run_dir / "checkpoints" / "step_000002")
+    capsys.readouterr()
+    result = quick(run_dir, "max_steps=3")
+    assert re.search(rf"warning: checkpoint .*step_000002 is damaged \({said}\); resuming from the newest intact "
+                     rf"one, .*step_000001\n", capsys.readouterr().out)
+    assert result.start_step == 1 and [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_an_explicitly_named_damaged_checkpoint_is_refused(short_run, tmp_path):
+    run_dir = copy_of(short_run, tmp_path)
+    truncate_shard(run_dir / "checkpoints" / "step_000002")
     with pytest.raises(checkpoint_module.CheckpointError,
-                       match=rf"checkpoint .*step_000002 is unreadable \(.*{said}.*\); to resume from the previous "
-                             rf"complete checkpoint set checkpoint.resume = '.*step_000001'"):
+                       match=r"checkpoint .*step_000002 is damaged \(__0_0.distcp has 100 bytes.*\); to resume from "
+                             r"the previous complete checkpoint set checkpoint.resume = '.*step_000001'"):
+        quick(run_dir, "max_steps=3", f"resume={run_dir / 'checkpoints' / 'step_000002'}")
+
+
+def test_an_unloadable_checkpoint_with_a_valid_manifest_names_itself_and_the_previous_one(short_run, tmp_path):
+    from fastprocon.checksums import write_manifest
+    run_dir = copy_of(short_run, tmp_path)
+    truncate_shard(run_dir / "checkpoints" / "step_000002")
+    write_manifest(run_dir / "checkpoints" / "step_000002")   # damaged before it was hashed
+    with pytest.raises(checkpoint_module.CheckpointError,
+                       match=r"checkpoint .*step_000002 is unreadable \(.*EOFError.*\); to resume from the previous "
+                             r"complete checkpoint set checkpoint.resume = '.*step_000001'"):
         quick(run_dir, "max_steps=3")
     result = quick(run_dir, "max_steps=3", f"resume={run_dir / 'checkpoints' / 'step_000001'}")
     assert result.start_step == 1 and [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]

@@ -3,16 +3,22 @@
 Layout under ``<run dir>/checkpoints``::
 
     step_000020/          model + optimizer (DCP shards and .metadata), trainer_state.json,
-                          rng_rank<r>.pt (each process's RNG states)
+                          rng_rank<r>.pt (each process's RNG states), manifest.json (sha256
+                          and size of every other file)
     latest                text: the directory name of the newest complete checkpoint
 
-A checkpoint is written into ``.tmp-step_000020`` by every process, then renamed into place
-by rank 0, and only then is ``latest`` replaced (atomically). A crash at any moment leaves
-``latest`` naming a complete checkpoint; leftover ``.tmp-*`` directories are removed at the
-next start. DCP reshards on load, so a run may resume on a different number of processes.
-A checkpoint is resumed only when its model and batch plan match the config (checked from
-trainer_state.json before anything is loaded); an unreadable one is an error naming it and the
-previous complete checkpoint. ``<run dir>/.lock`` (:class:`RunLock`) keeps a second run out.
+A checkpoint is written into ``.tmp-step_000020`` by every process; once all have finished,
+rank 0 hashes the files into its manifest (atomically), renames it into place, and only then
+replaces ``latest`` (atomically). A crash at any moment leaves ``latest`` naming a complete
+checkpoint; leftover ``.tmp-*`` directories are removed at the next start. Before a resume the
+checkpoint is verified against its manifest: a damaged one (bytes changed, file missing, no
+manifest) is named and the newest intact earlier checkpoint is used instead, or the run stops
+when there is none. Pruning only deletes checkpoints older than the one just written (which
+was hashed from disk a moment before), so the newest intact checkpoint always survives. DCP
+reshards on load, so a run may resume on a different number of processes. A checkpoint is
+resumed only when its model and batch plan match the config (checked from trainer_state.json
+before anything is loaded); an unreadable one is an error naming it and the previous complete
+checkpoint. ``<run dir>/.lock`` (:class:`RunLock`) keeps a second run out.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from fastprocon.checksums import verify_manifest, write_manifest
 from fastprocon.io import atomic_path
 from fastprocon.train.distributed import DistContext, barrier, broadcast_object, on_main
 
@@ -133,19 +140,40 @@ class CheckpointManager:
                                     f"(no {STATE_FILE}); {_way_out(self.root, target)}")
         return target
 
-    def plan_resume(self, choice: str, model: dict, data: dict) -> tuple[Path, dict] | None:
-        """(checkpoint, its trainer state) to resume from for ``checkpoint.resume = choice``, checked
-        against this run's ``model`` and ``data`` identity (see :func:`check_resumable`) before
-        anything is loaded; None = a fresh start. Run on rank 0 (reads files only)."""
+    def plan_resume(self, choice: str, model: dict, data: dict) -> tuple[Path, dict, str | None] | None:
+        """(checkpoint, its trainer state, a note or None) to resume from for ``checkpoint.resume =
+        choice``, verified against its checksum manifest and checked against this run's ``model``
+        and ``data`` identity (see :func:`check_resumable`) before anything is loaded; None = a
+        fresh start. With "auto", a damaged latest checkpoint gives way to the newest intact
+        earlier one (the note says so); an explicit damaged path is an error. Run on rank 0."""
         if choice == "never":
             self._refuse_existing_run()
             return None
         path = self.latest() if choice == "auto" else Path(choice)
         if path is None:
             return None
+        note = None
+        problem = verify_manifest(path) if (path / STATE_FILE).is_file() else None   # else read_state names it
+        if problem is not None:
+            intact = self.newest_intact(before=path) if choice == "auto" else None
+            if intact is None:
+                if choice == "auto":
+                    way = f"no earlier checkpoint is intact: remove {self.root} to start over, or use another run_dir"
+                else:
+                    way = _way_out(self.root, path)
+                raise CheckpointError(f"checkpoint {path} is damaged ({problem}); {way}")
+            note = f"checkpoint {path} is damaged ({problem}); resuming from the newest intact one, {intact}"
+            path = intact
         state = read_state(path)
         check_resumable(path, state, model, data)
-        return path, state
+        return path, state, note
+
+    def newest_intact(self, before: Path) -> Path | None:
+        """The newest complete checkpoint older than ``before`` that passes its manifest, or None."""
+        for candidate in reversed(complete_checkpoints(self.root)):
+            if candidate.name < Path(before).name and verify_manifest(candidate) is None:
+                return candidate
+        return None
 
     def _refuse_existing_run(self) -> None:
         """resume = 'never' in a directory that already holds a run would wipe its metrics and mix
@@ -173,8 +201,9 @@ class CheckpointManager:
         if self.ctx.is_main:
             state = {**trainer_state, "step": step, "world_size": self.ctx.world_size}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        barrier()   # every shard is on disk before the rename
+        barrier()   # every shard is on disk before the manifest and the rename
         if self.ctx.is_main:
+            write_manifest(tmp)
             self._publish(tmp, final)
         barrier()
         return final
@@ -192,9 +221,11 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(t, 0o644)   # the temp file is created private
-        for old in complete_checkpoints(self.root)[:-self.keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        # only older ones: a newer leftover (a damaged checkpoint this run resumed behind) must not
+        # count against `keep`, or it could push out the intact ones
+        older = [p for p in complete_checkpoints(self.root) if p.name < final.name]
+        for old in older[:max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Load model and optimizer from checkpoint ``path`` in place (resharding as needed) and
@@ -253,6 +284,23 @@ def check_resumable(path: Path, state: dict, model: dict, data: dict) -> None:
         if state["data"].get(key) != data[key]:
             raise ValueError(f"cannot resume from {path}: it was trained with {key} = {state['data'].get(key)!r}, "
                              f"this config gives {data[key]!r} (the data order would differ); {fix}")
+
+
+def check_same_inputs(path: Path, state: dict, inputs: dict | None) -> None:
+    """ValueError unless the ProCon inputs recorded in checkpoint ``path``'s trainer ``state``
+    (directions and reference cache: path and hash, see ``Trainer._procon_inputs``) are the ones
+    this run has now; a checkpoint without that record, or a run without ProCon, is not compared."""
+    recorded = state.get("procon_inputs")
+    if not recorded or not inputs:
+        return
+    fix = ("put the original file back, or start a new run (another run_dir, or checkpoint.resume = 'never' "
+           "in a fresh one)")
+    for what, key in (("directions", "directions_hash"), ("reference cache", "reference_sha256")):
+        if recorded.get(key) != inputs.get(key):
+            file = inputs.get(what.split()[0]) or recorded.get(what.split()[0])
+            raise ValueError(f"cannot resume from {path}: the {what} {file} changed since the run started "
+                             f"({key} {str(recorded.get(key))[:12]}... then, {str(inputs.get(key))[:12]}... now; "
+                             f"replaced by a tool such as `fastprocon directions --out`?); {fix}")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from fastprocon.train.config import CONFIG_DIR, SECTIONS
+from fastprocon.train.signals import STOP_EXIT_STATUS
 
 DESCRIPTION = """\
 Instruction fine-tuning with the ProCon projection constraint at every decoder-layer input
@@ -28,6 +31,10 @@ The run directory (train.run_dir, default runs/<name>) gets config.toml (resolve
 metrics.jsonl, directions.safetensors, reference.safetensors, checkpoints/, model/ (Hugging
 Face export with the directions file) and summary.json. A rerun with the same run directory
 resumes from its latest checkpoint (checkpoint.resume = "auto"), on any number of processes.
+SIGTERM or SIGINT during the steps: the current step finishes, a checkpoint is written, one
+line says so, exit status {stop_status} (rerun to resume).
+exit status: 0 done, 1 stopped on a non-finite loss or an unwritable run directory, 2 bad input,
+{stop_status} stopped by a signal.
 """
 
 
@@ -36,7 +43,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune a model with ProCon (FSDP2; single process or torchrun)",
         description=DESCRIPTION,
-        epilog=EPILOG.format(sections=", ".join(SECTIONS), configs=configs),
+        epilog=EPILOG.format(sections=", ".join(SECTIONS), configs=configs, stop_status=STOP_EXIT_STATUS),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default",
                    help="TOML config file, or the name of a built-in config (default: 'default')")
@@ -56,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    from fastprocon.train.prepare import run_dir_of
+    from fastprocon.train.signals import Interrupted
     from fastprocon.train.trainer import NonFiniteError, train
 
     try:
@@ -63,13 +72,38 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteError as err:
         print(f"fastprocon train: {err}", file=sys.stderr)
         return 1
-    if result is not None and _is_main():
+    except Interrupted as err:   # outside the steps (set-up, export): nothing new to save
+        if _is_main():
+            latest = _latest_checkpoint(run_dir_of(cfg))
+            print(f"fastprocon train: stopped by {err.name} outside the training steps; checkpoint "
+                  f"{latest or '(none yet)'}; rerun to resume", file=sys.stderr)
+        return STOP_EXIT_STATUS
+    except OSError as err:   # a run directory made read-only or full: the path, not a traceback
+        if os.environ.get("FASTPROCON_TRACEBACK") == "1" or err.filename is None or err.errno not in _CANNOT_WRITE:
+            raise
+        print(f"fastprocon train: error: cannot write {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    if result.stopped_by is not None:
+        if _is_main():
+            print(f"stopped by {result.stopped_by} at step {result.final_step}; checkpoint {result.checkpoint}; "
+                  "rerun to resume", file=sys.stderr)
+        return STOP_EXIT_STATUS
+    if _is_main():
         _report(result)
     return 0
 
 
+_CANNOT_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _latest_checkpoint(run_dir) -> str | None:
+    from fastprocon.train.checkpoint import LATEST
+    pointer = run_dir / "checkpoints" / LATEST
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    return str(pointer.parent / name) if name else None
+
+
 def _is_main() -> bool:
-    import os
     return os.environ.get("RANK", "0") == "0"
 
 

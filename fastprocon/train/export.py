@@ -19,6 +19,18 @@ from fastprocon.train.config import Config
 DIRECTIONS_FILE = "directions.safetensors"
 
 
+def clean_export_staging(out_dir: Path) -> list[str]:
+    """Remove the staging directories (``.<name>.*`` beside ``out_dir``) that an export killed
+    before its rename left behind; returns their names. Run under the run's lock (no export runs)."""
+    out_dir = Path(out_dir)
+    removed = []
+    for staging in sorted(out_dir.parent.glob(f".{out_dir.name}.*")):
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging.name)
+    return removed
+
+
 def export_model(cfg: Config, full_state_dict: dict, out_dir: Path, directions_path: Path | None) -> Path:
     """Write ``out_dir`` (replacing it atomically): config, safetensors weights, tokenizer and,
     when given, a copy of the directions file. Call on rank 0 with the gathered state dict."""

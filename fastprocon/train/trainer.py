@@ -20,21 +20,24 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 
+from fastprocon.checksums import tree_sha256
 from fastprocon.data import IGNORE_INDEX
+from fastprocon.directions import directions_hash
 from fastprocon.hooks import ProConHooks, stack_recorded
 from fastprocon.models import decoder_layers, hidden_size, load_model, num_layers
 from fastprocon.penalty import resolve_backend
 from fastprocon.io import atomic_path, write_json
 from fastprocon.train import distributed as D
 from fastprocon.train.batches import StepBatches
-from fastprocon.train.checkpoint import CheckpointManager, RunLock, full_model_state_dict
+from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
 from fastprocon.train.config import Config, to_toml, validate
-from fastprocon.train.export import export_model
+from fastprocon.train.export import clean_export_staging, export_model
 from fastprocon.train.loss import ce_sum, example_counts, procon_scale, shift_labels
 from fastprocon.train.metrics import (MetricsLog, count_params, flops_per_token, peak_flops, peak_memory_gib,
-                                      reset_peak_memory)
+                                      read_metrics, reset_peak_memory)
 from fastprocon.train.prepare import load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.schedule import AlphaSchedule, WarmupCosine, follow_config
+from fastprocon.train.signals import StopRequest
 
 _NO_BAD_STEP = 2**62
 
@@ -59,17 +62,19 @@ class TrainResult:
     export_dir: Path | None
     seconds: float
     metrics: list[dict]       # the metric records written by this invocation
+    stopped_by: str | None = None   # "SIGTERM"/"SIGINT" when a signal stopped the run at final_step
 
 
 class Trainer:
     """Builds everything from a :class:`Config` on an initialised process group (see
     :func:`train`), then :meth:`fit` runs the loop."""
 
-    def __init__(self, cfg: Config, ctx: D.DistContext):
+    def __init__(self, cfg: Config, ctx: D.DistContext, stop: StopRequest | None = None):
         validate(cfg)   # a Config edited after load_config gets load_config's checks and messages
         # a backend this device cannot run (triton on CPU) fails now, not at step 1 after the set-up
         resolve_backend(cfg.procon.backend, torch.empty(0, device=ctx.device))
         self.cfg, self.ctx = cfg, ctx
+        self.stop = stop if stop is not None else StopRequest(ctx.device)
         self.run_dir = run_dir_of(cfg)
         self.say(f"run directory {self.run_dir} ({ctx.world_size} process(es) on {ctx.device.type})")
         if ctx.is_main:
@@ -95,6 +100,9 @@ class Trainer:
         self.alpha = AlphaSchedule(cfg.procon, spe)
         procon_used = any(self.alpha(s) > 0 for s in range(self.max_steps))
         self.procon = prepare_procon(cfg, loaded, self.data, self.run_dir, ctx, self.say) if procon_used else None
+        self._inputs = D.on_main(self._procon_inputs)
+        if self._resume_from is not None:   # the directions and z0 the run started with, unchanged
+            D.on_main(lambda: check_same_inputs(*self._resume_from, self._inputs))
 
         model = loaded.model.train()
         self.model = model
@@ -241,9 +249,20 @@ class Trainer:
         return ({"model": self.model_name, "model_fingerprint": self.model_fingerprint, "lora": self.cfg.model.lora},
                 {"dataset_hash": self.data.hash, "batch_size": t.batch_size, "seed": t.seed})
 
+    def _procon_inputs(self) -> dict | None:
+        """The directions and reference cache this run trains with (paths and hashes), recorded in
+        every checkpoint and compared on resume (see checkpoint.check_same_inputs)."""
+        if self.procon is None:
+            return None
+        p = self.procon
+        return {"directions": str(p.directions_path), "directions_hash": directions_hash(p.directions),
+                "reference": str(p.reference_path) if p.reference_path else None,
+                "reference_sha256": tree_sha256(p.reference_path) if p.reference_path else None}
+
     def _trainer_state(self, step: int) -> dict:
         model, data = self._identity()
-        return {"scheduler": self.scheduler.state_dict(), "data": {**self.batches.position(step), **data}, **model}
+        return {"scheduler": self.scheduler.state_dict(), "data": {**self.batches.position(step), **data},
+                "procon_inputs": self._inputs, **model}
 
     def _plan_resume(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume from and its trainer state, checked against this config on
@@ -251,7 +270,16 @@ class Trainer:
         removed = self.ckpt.clean_partial()
         if removed:
             self.say(f"removed incomplete checkpoint(s) {', '.join(removed)} left by an interrupted save")
-        return D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity()))
+        staging = D.on_main(lambda: clean_export_staging(self.run_dir / "model"))
+        if staging:
+            self.say(f"removed {', '.join(staging)}: staging left by an interrupted export")
+        plan = D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity()))
+        if plan is None:
+            return None
+        path, state, note = plan
+        if note:
+            self.say(f"warning: {note}")
+        return path, state
 
     def _resume(self) -> int:
         if self._resume_from is None:
@@ -277,28 +305,34 @@ class Trainer:
         if self.ctx.is_main:   # only now: a run refused by the checks above leaves the record as it was
             with atomic_path(self.run_dir / "config.toml") as tmp:
                 Path(tmp).write_text(to_toml(cfg))
-        written = []
+        written, done, stopped = [], start, None
         every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
         hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()
-        with hooks, tqdm(total=self.max_steps, initial=start, desc="train", unit="step",
-                         disable=not self.ctx.is_main) as bar:
+        # a signal during the steps only sets a flag, agreed on by all processes at each step boundary
+        with hooks, self.stop.deferred(), tqdm(total=self.max_steps, initial=start, desc="train", unit="step",
+                                               disable=not self.ctx.is_main) as bar:
             self._reset_interval()
             for s in range(start, self.max_steps):
                 self.step(s)
                 done = s + 1
                 bar.update(1)
-                checkpoint_now = (every and done % every == 0) or done == self.max_steps
+                stopped = self.stop.agreed()
+                checkpoint_now = (every and done % every == 0) or done == self.max_steps or stopped is not None
                 if done % log_every == 0 or checkpoint_now:
                     record = self.flush_metrics(done)
                     written.append(record)
                     bar.set_postfix(ce=f"{record['ce']:.3f}", refresh=False)
                 if checkpoint_now:
                     self.ckpt.save(done, self.model, self.optimizer, self._trainer_state(done))
+                if stopped is not None:
+                    break
+            if stopped is None and done > start:   # a signal during the last step or its checkpoint
+                stopped = self.stop.agreed(now=True)
         latest = self.ckpt.latest()
-        export_dir = self.export() if cfg.checkpoint.export else None
+        export_dir = self.export() if cfg.checkpoint.export and stopped is None else None
         self.metrics.close()
-        return TrainResult(self.run_dir, start, self.max_steps, latest, export_dir,
-                           time.perf_counter() - t_start, written)
+        return TrainResult(self.run_dir, start, done if stopped else self.max_steps, latest, export_dir,
+                           time.perf_counter() - t_start, written, stopped)
 
     def export(self) -> Path:
         full = full_model_state_dict(self.model)   # collective
@@ -316,27 +350,33 @@ def train(cfg: Config) -> TrainResult:
     for the whole run (a second run there fails at once)."""
     validate(cfg)   # before the process group: a bad Config edited after load_config fails up front
     ctx = D.init_distributed(cfg.model.device)
-    trainer, lock = None, RunLock(run_dir_of(cfg))
-    try:
-        lock.acquire()                 # rank 0 holds <run dir>/.lock until the run ends
-        trainer = Trainer(cfg, ctx)
-        result = trainer.fit()
-        if ctx.is_main:
-            write_json(result.run_dir / "summary.json", summary_of(result, trainer))
-    except BaseException:
-        del trainer
+    trainer, lock, stop = None, RunLock(run_dir_of(cfg)), StopRequest(ctx.device)
+    # SIGTERM/SIGINT: a checkpoint after the current step (see train/signals.py); outside the steps
+    # they raise signals.Interrupted
+    with stop.installed():
+        try:
+            lock.acquire()                 # rank 0 holds <run dir>/.lock until the run ends
+            trainer = Trainer(cfg, ctx, stop)
+            result = trainer.fit()
+            if ctx.is_main:
+                write_json(result.run_dir / "summary.json", summary_of(result, trainer))
+        except BaseException:
+            del trainer
+            lock.release()
+            D.shutdown(ctx, clean=False)   # no barrier: the other processes may be stuck elsewhere
+            raise
+        del trainer                        # the FSDP model goes before the group (see D.shutdown)
         lock.release()
-        D.shutdown(ctx, clean=False)   # no barrier: the other processes may be stuck elsewhere
-        raise
-    del trainer                        # the FSDP model goes before the group (see D.shutdown)
-    lock.release()
-    D.shutdown(ctx)
+        D.shutdown(ctx)
     return result
 
 
 def summary_of(result: TrainResult, trainer: Trainer) -> dict:
-    first = next((r for r in result.metrics if r), None)
-    last = result.metrics[-1] if result.metrics else None
+    """The run's summary: CE and ProCon from the whole metrics.jsonl (also the steps of earlier,
+    resumed invocations), so a resumed or re-exported run reports the run, not its last segment."""
+    records = read_metrics(result.run_dir) if (result.run_dir / "metrics.jsonl").is_file() else []
+    first = records[0] if records else None
+    last = records[-1] if records else None
     return {"run_dir": str(result.run_dir), "model": trainer.model_name, "processes": trainer.ctx.world_size,
             "device": trainer.ctx.device.type, "start_step": result.start_step, "final_step": result.final_step,
             "seconds": round(result.seconds, 2), "examples": len(trainer.data.examples),
@@ -345,4 +385,5 @@ def summary_of(result: TrainResult, trainer: Trainer) -> dict:
             "first_ce": first["ce"] if first else None, "last_ce": last["ce"] if last else None,
             "last_procon": last["procon"] if last else None,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-            "export_dir": str(result.export_dir) if result.export_dir else None}
+            "export_dir": str(result.export_dir) if result.export_dir else None,
+            "stopped_by": result.stopped_by}
