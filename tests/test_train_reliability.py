@@ -198,6 +198,34 @@ def test_sigterm_and_sigint_stop_after_the_step_with_a_checkpoint_and_a_rerun_re
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, int(found[1]) + 1))
 
 
+@pytest.mark.parametrize("lagged", [False, True])
+def test_the_stop_flag_is_agreed_at_the_boundary_or_one_later_when_lagged(monkeypatch, lagged):
+    """The collective logic with a stand-in for 2 processes (all_reduce of MAX over [this, other]);
+    lagged is the GPU mode (on CUDA with a pinned copy and an event, not available here)."""
+    import torch
+    import torch.distributed as dist
+    from fastprocon.train.signals import StopRequest
+    other = {"flag": 0}
+
+    def all_reduce(tensor, op=None):
+        tensor.copy_(torch.maximum(tensor, torch.full_like(tensor, other["flag"])))
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    stop = StopRequest(torch.device("cpu"), lagged=lagged)
+    assert [stop.agreed(), stop.agreed()] == [None, None]
+    other["flag"] = int(signal.SIGTERM)            # the other process got SIGTERM during this step
+    first = stop.agreed()
+    assert first == (None if lagged else "SIGTERM")
+    assert stop.agreed() == "SIGTERM"               # every process, at the same boundary
+    other["flag"] = 0
+    stop = StopRequest(torch.device("cpu"), lagged=lagged)
+    assert stop.agreed() is None
+    stop.signum = int(signal.SIGINT)                 # during the last step: read at once
+    assert stop.agreed(now=True) == "SIGINT"
+
+
 WORKER = """
 import os, signal, sys
 from fastprocon.train import Trainer, load_config, train

@@ -41,11 +41,12 @@ class Interrupted(BaseException):
 class StopRequest:
     """The SIGTERM/SIGINT handlers of one run and the flag they set (see the module docstring)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, lagged: bool | None = None):
         self.device = device
+        self.lagged = device.type == "cuda" if lagged is None else lagged   # read the previous boundary's flag
         self.signum: int | None = None     # the first signal received while deferring
         self._deferring = False
-        self._pending = None                # CUDA: (pinned host flag, event) of the previous boundary
+        self._pending = None                # lagged: (host flag, CUDA event or None) of the previous boundary
 
     @contextlib.contextmanager
     def installed(self):
@@ -88,25 +89,29 @@ class StopRequest:
         mine = self.signum or 0
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return _name(mine)
-        if self.device.type != "cuda" or now:
+        if not self.lagged or now:
             flag = torch.tensor([mine], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             pending, self._pending = self._pending, None
             if pending is not None:   # a flag from the previous boundary counts too
-                pending[1].synchronize()
+                if pending[1] is not None:
+                    pending[1].synchronize()
                 flag = flag.maximum(pending[0].to(self.device))
-            return _name(int(flag[0]))
+            return _name(int(flag.max()))
         agreed = None
         if self._pending is not None:    # the previous boundary's flag: done on the GPU by now
             host, event = self._pending
-            event.synchronize()
+            if event is not None:
+                event.synchronize()
             agreed = _name(int(host[0]))
         flag = torch.full((1,), mine, dtype=torch.int32, device=self.device)   # a fill: no host-device copy
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        host, event = flag, None
+        if self.device.type == "cuda":
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         self._pending = (host, event)
         return agreed
 
