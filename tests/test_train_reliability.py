@@ -277,6 +277,23 @@ def test_a_run_directory_made_read_only_mid_run_is_one_line_naming_the_path(tmp_
     assert "Traceback" not in err
 
 
+def test_an_unwritable_checkpoint_directory_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    def read_only(self, path, mode):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(FileSystem, "create_stream", read_only)
+    run_dir = tmp_path / "run"
+    argv = ["train", "--config", "tiny", f"run_dir={run_dir}", "schedule=off", "max_steps=1", "export=false"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert re.fullmatch(rf"fastprocon train: error: cannot write {run_dir}/checkpoints/\.tmp-step_000001/\S+: "
+                        r"Read-only file system", last), err[-2000:]
+    assert "Traceback" not in err
+
+
 def test_export_staging_left_by_a_kill_is_removed_and_the_summary_has_the_whole_run(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     quick(run_dir)                                               # steps 1-2

@@ -196,7 +196,13 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        except CheckpointException as err:   # a read-only or full disk: raise the OSError that names the file
+            cause = _first_failure(err)
+            if isinstance(cause, OSError):
+                raise cause from None
+            raise
         torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
         if self.ctx.is_main:
             state = {**trainer_state, "step": step, "world_size": self.ctx.world_size}
@@ -322,11 +328,17 @@ def _unreadable(path: Path, why: str) -> str:
     return f"checkpoint {path} is unreadable ({why}); {_way_out(Path(path).parent, path)}"
 
 
-def _first_line(err: BaseException) -> str:
-    """A short form of ``err`` (DCP's errors carry whole tracebacks of every rank)."""
+def _first_failure(err: BaseException) -> BaseException:
+    """The first rank's exception inside DCP's CheckpointException (else ``err`` itself)."""
     if isinstance(err, CheckpointException) and err.failures:   # {rank: (exception, traceback)}
         first = next(iter(err.failures.values()))
-        err = first[0] if isinstance(first, tuple) else first
+        return first[0] if isinstance(first, tuple) else first
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    """A short form of ``err`` (DCP's errors carry whole tracebacks of every rank)."""
+    err = _first_failure(err)
     text = str(err).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 2:   # a traceback dump: its last line is the real error
