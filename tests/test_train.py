@@ -12,6 +12,7 @@ import torch
 
 import fastprocon.hooks as hooks_module
 import fastprocon.train.checkpoint as checkpoint_module
+from fastprocon.checksums import write_manifest
 from fastprocon.cli import main
 from fastprocon.directions import load_directions, save_directions
 from fastprocon.models import load_model
@@ -313,6 +314,7 @@ def test_resume_with_another_model_is_refused(short_run, tmp_path):
     for key, value, said in (("model_fingerprint", "0" * 64, "model fingerprint '0000"),
                              ("model", "smollm2", "model 'smollm2', this config gives 'tiny'")):
         state_file.write_text(json.dumps({**state, key: value}))
+        write_manifest(state_file.parent)   # a genuine checkpoint of another model, not a damaged one
         with pytest.raises(ValueError, match=f"it was trained with {said}"):
             quick(run_dir, "max_steps=3")
 
@@ -385,7 +387,6 @@ def test_an_explicitly_named_damaged_checkpoint_is_refused(short_run, tmp_path):
 
 
 def test_an_unloadable_checkpoint_with_a_valid_manifest_names_itself_and_the_previous_one(short_run, tmp_path):
-    from fastprocon.checksums import write_manifest
     run_dir = copy_of(short_run, tmp_path)
     truncate_shard(run_dir / "checkpoints" / "step_000002")
     write_manifest(run_dir / "checkpoints" / "step_000002")   # damaged before it was hashed
