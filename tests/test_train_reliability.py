@@ -211,6 +211,24 @@ def test_sigterm_and_sigint_stop_after_the_step_with_a_checkpoint_and_a_rerun_re
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, step + 3))
 
 
+def test_a_signal_during_set_up_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
+    import fastprocon.train.trainer as trainer_module
+    original = trainer_module.load_training_data
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)    # delivered here, in the main thread, before any step
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "load_training_data", signalled)
+    run_dir = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--config", "tiny", f"run_dir={run_dir}", "schedule=off", "export=false"]) == STOP_EXIT_STATUS
+    assert capsys.readouterr().err.splitlines()[-1] == ("fastprocon train: stopped by SIGTERM outside the training "
+                                                        "steps; checkpoint (none yet); rerun to resume")
+    assert signal.getsignal(signal.SIGTERM) is previous   # the run's handlers are gone again
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("lagged", [False, True])
 def test_the_stop_flag_is_agreed_at_the_boundary_or_one_later_when_lagged(monkeypatch, lagged):
     """The collective logic with a stand-in for 2 processes (all_reduce of MAX over [this, other]);
