@@ -6,7 +6,8 @@ vocabulary/merges, class, special tokens), the chat template, ``max_length``,
 ``drop_overlong_prompts``, the layout version and the caller's settings (bad-row skipping, the
 safety mix and its seed). On a miss the set is tokenized by :func:`fastprocon.data.tokenize_chunk`
 in chunks and written atomically; under torch.distributed rank 0 builds while the others wait
-(an error reaches every rank), and a rank that still does not see the file (a cache directory
+on the process group's store (no collective, so no collective timeout however long it takes;
+an error reaches every rank), and a rank that still does not see the file (a cache directory
 local to each node) builds its own copy. A hit costs a hash of the data files and a few maps.
 
 File (safetensors, format ``fastprocon.tokens``, written by :class:`fastprocon.mapped.ChunkWriter`):
@@ -25,8 +26,9 @@ import itertools
 import json
 import logging
 import os
+import pickle
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -182,11 +184,40 @@ def load_tokenized(sources: list[Path], make_examples: Callable[[], tuple[list[E
         if not path.exists():
             build_cache(path, key, parts, make_examples, tokenizer, max_length, drop_overlong_prompts)
 
-    if dist.is_initialized():
-        from fastprocon.train.distributed import on_main   # not at import: fastprocon.train imports this module
-        on_main(build_if_missing)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _on_rank0_then_all(build_if_missing, key)
     build_if_missing()      # a no-op unless this process cannot see rank 0's directory
     return open_cache(path, key)
+
+
+_calls = itertools.count()     # every rank calls in the same order: a fresh store key per call
+WAIT = timedelta(hours=24)     # how long the other ranks wait for rank 0's tokenization
+
+
+def _on_rank0_then_all(fn: Callable[[], None], tag: str) -> None:
+    """``fn()`` on rank 0 while the other ranks wait on the process group's store, not in a
+    collective (a long tokenization must not run into the collective timeout, 10-30 minutes);
+    an exception on rank 0 is raised on every rank."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store, key = _get_default_store(), f"fastprocon.data_cache/{tag}/{next(_calls)}"
+    if dist.get_rank() == 0:
+        error = None
+        try:
+            fn()
+        except Exception as err:
+            error = err
+        try:
+            payload = pickle.dumps(error)
+        except Exception:   # an exception that cannot travel: send its text
+            payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+        store.set(key, payload)
+    else:
+        store.wait([key], WAIT)
+        error = pickle.loads(store.get(key))
+    if error is not None:
+        raise error
 
 
 def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: bool = False,

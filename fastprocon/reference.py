@@ -22,7 +22,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from fastprocon.io import check_output
 from fastprocon.models import (FINGERPRINT_VERSION, LoadedModel, add_model_args, check_fingerprint_version,
                                model_from_args)
 from fastprocon.penalty import procon_penalty
-from fastprocon.reference_files import REBUILD, STORAGE_DTYPES, Z0Files, write_index, write_shard
+from fastprocon.reference_files import STORAGE_DTYPES, Z0Files, write_index, write_shard
 from fastprocon.steering import on_layer_inputs
 
 
