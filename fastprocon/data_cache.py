@@ -15,7 +15,7 @@ File (safetensors, format ``fastprocon.tokens``, written by :class:`fastprocon.m
 ``prompt_lengths`` [n] int32 (labels are -100 on the first prompt_lengths[i] tokens and equal to
 the input ids after), ``id_bytes`` [..] uint8 + ``id_offsets`` [n + 1] int64 (UTF-8 sample
 ids); header: the key and its parts, the dataset hash, counts. A :class:`TokenizedDataset` over
-it keeps only per-sample counts in memory (about 40 bytes a sample) and materialises a
+it keeps only per-sample counts in memory (40 bytes a sample) and materialises a
 :class:`~fastprocon.data.TokenizedExample` when indexed, so each process reads only the
 samples of its own micro-batches.
 """
