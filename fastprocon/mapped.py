@@ -44,7 +44,7 @@ def _as_numpy(array) -> tuple[str, np.ndarray]:
 
 def to_torch(array: np.ndarray, tag: str) -> torch.Tensor:
     """A torch copy of (a slice of) a mapped array; ``tag`` "BF16" reinterprets uint16 bits."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = torch.from_numpy(np.array(array))         # a copy: a mapped array is read-only
     return t.view(torch.bfloat16) if tag == "BF16" else t
 
 
