@@ -12,13 +12,22 @@ PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 fp() { "$PY" -c "import sys, torch; torch.set_num_threads(1); from fastprocon.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
 "$PY" - "$W/reference/gsm8k.safetensors" "$OUT/gsm8k_noisy.safetensors" <<'PY'
-import sys, torch
-from fastprocon.io import read_safetensors, save_safetensors
-from fastprocon.reference import FORMAT
-tensors, header = read_safetensors(sys.argv[1], FORMAT)
-noise = torch.randn(tensors["z0"].shape, generator=torch.Generator().manual_seed(0), dtype=tensors["z0"].dtype)
-tensors["z0"] = tensors["z0"] + 1e-5 * noise
-save_safetensors(sys.argv[2], tensors, FORMAT, header)
+import shutil, sys, torch
+from pathlib import Path
+from fastprocon.mapped import ChunkWriter, to_torch
+from fastprocon.reference_files import SHARD_FORMAT, Z0Files, shard_path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+files = Z0Files(src)
+world, gen = len(files.shards), torch.Generator().manual_seed(0)
+for r, shard in enumerate(files.shards):   # z0 is token-major [n_tokens, n_layers]: noise drawn [n_layers, n_tokens]
+    z0 = to_torch(shard.array("z0"), shard.tag("z0"))
+    noise = torch.randn(z0.T.shape, generator=gen, dtype=z0.dtype).T
+    with ChunkWriter(shard_path(dst, r, world)) as out:
+        out.append("z0", z0 + 1e-5 * noise)
+        for name in ("offsets", "id_bytes", "id_offsets"):
+            out.append(name, shard.array(name))
+        out.finish(SHARD_FORMAT, shard.header)
+shutil.copy(src, dst)
 PY
 for v in procon_s procon_s_token_huber; do
   extra=(); [ "$v" = procon_s_token_huber ] && extra=(reduction=token norm=huber delta=1.0)

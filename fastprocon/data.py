@@ -25,6 +25,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -308,6 +309,14 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, *,
     count is ``len(examples) - len(result)``, also logged).
     -> (list of TokenizedExample, number truncated)
     """
+    out, n_truncated, overlong = tokenize_chunk(examples, tokenizer, max_length)
+    check_overlong(overlong, max_length, drop_overlong_prompts)
+    return out, n_truncated
+
+
+def tokenize_chunk(examples: list[Example], tokenizer, max_length: int) -> tuple[list[TokenizedExample], int, list[str]]:
+    """:func:`tokenize_examples` without the over-long prompt decision (so a large set can go
+    through in chunks): -> (kept examples, number truncated, over-long prompts described)."""
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
     eos = tokenizer.eos_token_id
@@ -328,14 +337,20 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int, *,
         labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
         n_truncated += len(p_ids) + len(r_ids) > max_length
         out.append(TokenizedExample(ex.id, input_ids, labels))
-    if overlong:
-        message = (f"{len(overlong)} example(s) have prompts of >= max_length={max_length} tokens, leaving no "
-                   f"response token: {', '.join(overlong[:5])}{' ...' if len(overlong) > 5 else ''}")
-        if not drop_overlong_prompts:
-            raise ValueError(message + "; raise max_length or drop them (drop_overlong_prompts=True; trainer config "
-                             "data.drop_overlong_prompts = true; `fastprocon reference --drop-overlong-prompts`)")
-        logger.warning("dropped %s", message)
-    return out, n_truncated
+    return out, n_truncated, overlong
+
+
+def check_overlong(overlong: list[str], max_length: int, drop_overlong_prompts: bool) -> None:
+    """Raise ValueError for prompts that fill ``max_length`` (from :func:`tokenize_chunk`), or log
+    them as dropped when ``drop_overlong_prompts``."""
+    if not overlong:
+        return
+    message = (f"{len(overlong)} example(s) have prompts of >= max_length={max_length} tokens, leaving no "
+               f"response token: {', '.join(overlong[:5])}{' ...' if len(overlong) > 5 else ''}")
+    if not drop_overlong_prompts:
+        raise ValueError(message + "; raise max_length or drop them (drop_overlong_prompts=True; trainer config "
+                         "data.drop_overlong_prompts = true; `fastprocon reference --drop-overlong-prompts`)")
+    logger.warning("dropped %s", message)
 
 
 def collate(batch: list[TokenizedExample], pad_id: int) -> dict:
@@ -363,9 +378,15 @@ def collate(batch: list[TokenizedExample], pad_id: int) -> dict:
 
 def dataset_hash(tokenized: list[TokenizedExample]) -> str:
     """sha256 hex over (id, input_ids, labels) of every example, taken in id order, so the hash
-    names the content of the set, not the order a shuffle left it in."""
+    names the content of the set, not the order a shuffle left it in. (A
+    :class:`fastprocon.data_cache.TokenizedDataset` has it as ``.hash``.)"""
+    return hash_sorted_examples(sorted(tokenized, key=lambda e: e.id))
+
+
+def hash_sorted_examples(examples: Iterable[TokenizedExample]) -> str:
+    """:func:`dataset_hash` of examples already in id order (streamed: one at a time)."""
     digest = hashlib.sha256()
-    for ex in sorted(tokenized, key=lambda e: e.id):
+    for ex in examples:
         digest.update(ex.id.encode() + b"\0")
         digest.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes() + b"\1")
         digest.update(np.asarray(ex.labels, dtype=np.int64).tobytes() + b"\2")

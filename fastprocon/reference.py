@@ -5,12 +5,13 @@ section 3). :meth:`ReferenceCache.build` runs the initial model forward once ove
 training set (no gradients) and stores z0 from the fused projection (``procon_penalty``'s z);
 the training loader calls :meth:`ReferenceCache.gather` to join z0 to each batch.
 
-File layout (safetensors): ``z0`` [n_layers, n_tokens] (fp32 or bf16) holding every sample's
-response-token projections back to back, ``offsets`` [n_samples + 1] int64 delimiting them, and a
-JSON header with the sample ids (in the same order) and what the cache is valid for: model
-fingerprint, directions hash, dataset hash, max length, layers. Under torchrun each rank builds
-the part for samples rank::world, and rank 0 merges the parts into one file (the output path
-must be on a filesystem every rank sees).
+Files (fastprocon/reference_files.py): an index at the cache path plus one token-major shard
+per process of the build (sample i's z0 is one contiguous range of rows [n_i, n_layers]),
+memory-mapped on load: :meth:`ReferenceCache.gather` reads and upcasts only the rows of the
+micro-batch's samples. The index header says what the cache is valid for: model fingerprint,
+directions hash, dataset hash, max length, layers. Under torchrun each rank writes the shard of
+samples rank::world; rank 0 then indexes the shards' ids (the cache path must be on a filesystem
+every rank sees).
 """
 from __future__ import annotations
 
@@ -18,35 +19,25 @@ import argparse
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fastprocon.argtypes import int_at_least, positive_int
-from fastprocon.data import (
-    IGNORE_INDEX,
-    TokenizedExample,
-    collate,
-    dataset_hash,
-    load_examples_report,
-    resolve_data_path,
-    tokenize_examples,
-)
+from fastprocon.data import IGNORE_INDEX, TokenizedExample, collate, resolve_data_path
+from fastprocon.data_cache import TokenizedDataset, as_dataset, load_training_set
 from fastprocon.directions import DirectionSet, directions_hash, load_directions_for
-from fastprocon.io import check_output, read_safetensors, save_safetensors
+from fastprocon.io import check_output
 from fastprocon.models import (FINGERPRINT_VERSION, LoadedModel, add_model_args, check_fingerprint_version,
                                model_from_args)
 from fastprocon.penalty import procon_penalty
+from fastprocon.reference_files import STORAGE_DTYPES, Z0Files, write_index, write_shard
 from fastprocon.steering import on_layer_inputs
-
-FORMAT = "fastprocon.reference"
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# What a cache is valid for: load() compares each with what the caller expects.
-IDENTITY_FIELDS = ("model_fingerprint", "directions_hash", "dataset_hash", "max_length", "layers")
 
 
 @dataclass
@@ -61,21 +52,18 @@ class BuildReport:
 
 
 class ReferenceCache:
-    """z0 per sample id, for the layers in ``layers`` (ascending), upcast to fp32 in memory."""
+    """z0 per sample id, for the layers in ``layers`` (ascending), memory-mapped from the cache
+    files; :meth:`gather` reads (and upcasts to fp32) only the rows of the samples it is given."""
 
-    def __init__(self, z0: torch.Tensor, offsets: torch.Tensor, ids: list[str], header: dict, path: str = "<memory>"):
-        self.header, self.path = header, path
-        self.layers: list[int] = list(header["layers"])
-        counts = (offsets[1:] - offsets[:-1]).tolist()
-        # one fp32 [n_layers, n_i] view per sample, so gather only concatenates
-        self._pieces = torch.split(z0.float(), counts, dim=1)
-        self._index = {sample_id: i for i, sample_id in enumerate(ids)}
+    def __init__(self, files: Z0Files):
+        self.files, self.header, self.path = files, files.header, str(files.path)
+        self.layers: list[int] = list(self.header["layers"])
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self.files)
 
     def __contains__(self, sample_id: str) -> bool:
-        return sample_id in self._index
+        return not self.files.locate([sample_id])[2]
 
     def gather(self, ids: list[str], labels: torch.Tensor) -> torch.Tensor:
         """z0 for a batch: [n_layers, B, T] fp32 on ``labels``' device, 0 where labels == -100.
@@ -85,35 +73,32 @@ class ReferenceCache:
         """
         if labels.dim() != 2 or labels.shape[0] != len(ids):
             raise ValueError(f"gather needs labels [B, T] with B = len(ids) = {len(ids)}, got {tuple(labels.shape)}")
-        mask = labels != IGNORE_INDEX
+        mask = labels.cpu() != IGNORE_INDEX
         counts = mask.sum(dim=1).tolist()
-        pieces = []
-        for sample_id, count in zip(ids, counts):
-            i = self._index.get(sample_id)
-            if i is None:
-                raise KeyError(f"sample id {sample_id!r} is not in the reference cache {self.path} "
-                               f"({len(self)} samples): rebuild it for this data set")
-            if self._pieces[i].shape[1] != count:
+        shards, rows, missing = self.files.locate(ids)
+        if missing:
+            raise KeyError(f"sample id {ids[missing[0]]!r} is not in the reference cache {self.path} "
+                           f"({len(self)} samples): rebuild it for this data set")
+        for sample_id, count, shard, row in zip(ids, counts, shards, rows):
+            stored = self.files.count(shard, row)
+            if stored != count:
                 raise ValueError(f"sample id {sample_id!r} has {count} response tokens in the batch but "
-                                 f"{self._pieces[i].shape[1]} in the reference cache {self.path}")
-            pieces.append(self._pieces[i])
+                                 f"{stored} in the reference cache {self.path}")
         out = torch.zeros((len(self.layers), *labels.shape), dtype=torch.float32)
-        out[:, mask.cpu()] = torch.cat(pieces, dim=1)
+        out[:, mask] = self.files.rows(list(zip(shards.tolist(), rows.tolist()))).T
         return out.to(labels.device)
-
-    # -----------------------------------------------------------------------------------------
-    # Files
-    # -----------------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model_fingerprint: str | None, directions_hash: str | None,
              dataset_hash: str | None, max_length: int | None, layers: list[int] | None) -> "ReferenceCache":
-        """Read a cache and check it was built for exactly this setup (None skips a field's check).
+        """Open a cache (memory maps) and check it was built for exactly this setup (None skips a
+        field's check).
 
-        Raises FileNotFoundError for a missing file and ValueError for a corrupt file or any
-        mismatch (naming the field, the expected and the found value).
+        Raises FileNotFoundError for a missing index or shard file and ValueError for a corrupt
+        file or any mismatch (naming the field, the expected and the found value).
         """
-        z0, offsets, ids, header = read_cache_file(path)
+        files = Z0Files(path)
+        header = files.header
         # max_length before dataset_hash: a different max_length also changes the hash, and
         # "max_length expected 128, found 100" says what to fix where two hashes would not.
         expected = {"model_fingerprint": model_fingerprint, "directions_hash": directions_hash,
@@ -125,57 +110,71 @@ class ReferenceCache:
             if want is not None and header.get(name) != want:
                 raise ValueError(f"reference cache {path} does not match: {name} expected {want!r}, found "
                                  f"{header.get(name)!r}; rebuild it with `fastprocon reference`")
-        return cls(z0, offsets, ids, header, str(path))
+        return cls(files)
 
     @classmethod
-    def build(cls, loaded: LoadedModel, directions: DirectionSet, tokenized: list[TokenizedExample],
+    def build(cls, loaded: LoadedModel, directions: DirectionSet, tokenized: list[TokenizedExample] | TokenizedDataset,
               layers: list[int] | None, max_length: int, path: str | os.PathLike, *, storage_dtype: str = "fp32",
               batch_size: int = 8, progress: bool = True) -> BuildReport:
-        """Run the model once over ``tokenized`` and write z0 of every response token to ``path``.
+        """Run the model once over ``tokenized`` and write z0 of every response token to the
+        cache at ``path`` (index + shards).
 
         ``layers`` None = every layer that has a direction. Under an initialised process group,
-        each rank handles samples rank::world and rank 0 writes the merged file.
+        each rank handles samples rank::world and writes its own shard; rank 0 then writes the index.
         """
         start = time.perf_counter()
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
         layers = _check_layers(directions, directions.defined_layers if layers is None else layers)
-        if not tokenized:
+        data = as_dataset(tokenized)
+        if not len(data):
             raise ValueError("no samples to record: the tokenized data set is empty")
-        for ex in tokenized:
-            if len(ex.input_ids) > max_length or len(ex.labels) != len(ex.input_ids):
-                raise ValueError(f"sample {ex.id!r}: {len(ex.input_ids)} tokens, {len(ex.labels)} labels; "
-                                 f"needs equal lengths <= max_length={max_length}")
-        header = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
-                  "directions_hash": directions_hash(directions), "dataset_hash": dataset_hash(tokenized),
-                  "max_length": int(max_length), "layers": layers, "storage_dtype": storage_dtype,
-                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        too_long = np.flatnonzero(data.lengths > max_length)
+        if len(too_long):
+            i = int(too_long[0])
+            raise ValueError(f"sample {data.id(i)!r}: {data.lengths[i]} tokens; needs <= max_length={max_length}")
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        shard = tokenized[rank::world]
-        n_batches = _max_over_ranks(math.ceil(len(shard) / batch_size))
-        ids, pieces = compute_projections(loaded, directions, shard, layers, batch_size,
-                                          progress=progress and rank == 0, min_batches=n_batches)
-        path = Path(path)
-        if world == 1:
-            size = write_cache_file(path, ids, pieces, header, storage_dtype)
-        else:
-            part = part_path(path, rank, world)
-            write_cache_file(part, ids, pieces, header, storage_dtype)
+        on_main = _on_main if dist.is_initialized() else (lambda fn: fn())
+        header = {"model": loaded.name, "model_fingerprint": loaded.fingerprint,
+                  "fingerprint_version": FINGERPRINT_VERSION, "directions_hash": directions_hash(directions), "dataset_hash": data.hash,
+                  "max_length": int(max_length), "layers": layers, "storage_dtype": storage_dtype,
+                  "build_id": on_main(lambda: uuid.uuid4().hex),
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        indices = np.arange(rank, len(data), world)
+        n_batches = _max_over_ranks(math.ceil(len(indices) / batch_size))
+        batches = iter_projections(loaded, directions, data, layers, batch_size, indices=indices,
+                                   progress=progress and rank == 0, min_batches=n_batches)
+        write_shard(path, batches, header, rank, world)
+        if world > 1:
             dist.barrier()
-            if rank == 0:
-                merge_parts([part_path(path, r, world) for r in range(world)], path)
-            dist.barrier()
-            size = path.stat().st_size
-        n_tokens = sum(len(ex.labels) - ex.labels.count(IGNORE_INDEX) for ex in tokenized)
-        return BuildReport(str(path), size, len(tokenized), n_tokens, layers, storage_dtype,
+        size = on_main(lambda: write_index(path, world))
+        return BuildReport(str(path), size, len(data), int(data.n_response.sum()), layers, storage_dtype,
                            time.perf_counter() - start)
 
 
-@torch.no_grad()
-def compute_projections(loaded: LoadedModel, directions: DirectionSet, tokenized: list[TokenizedExample],
-                        layers: list[int], batch_size: int, *, progress: bool = False,
+def _on_main(fn):
+    from fastprocon.train.distributed import on_main   # not at import: fastprocon.train imports this module
+    return on_main(fn)
+
+
+def compute_projections(loaded: LoadedModel, directions: DirectionSet, tokenized, layers: list[int],
+                        batch_size: int, *, progress: bool = False,
                         min_batches: int = 0) -> tuple[list[str], list[torch.Tensor]]:
-    """(ids, z0 [n_layers, n_i] fp32 on CPU per sample) for the response tokens of ``tokenized``.
+    """(ids, z0 [n_layers, n_i] fp32 on CPU per sample) for the response tokens of ``tokenized``
+    (a list of TokenizedExample or a TokenizedDataset): :func:`iter_projections` collected."""
+    ids, pieces = [], []
+    for batch_ids, batch_pieces in iter_projections(loaded, directions, tokenized, layers, batch_size,
+                                                    progress=progress, min_batches=min_batches):
+        ids.extend(batch_ids)
+        pieces.extend(batch_pieces)
+    return ids, pieces
+
+
+@torch.no_grad()
+def iter_projections(loaded: LoadedModel, directions: DirectionSet, tokenized, layers: list[int],
+                     batch_size: int, *, indices=None, progress: bool = False, min_batches: int = 0):
+    """Yield (ids, z0 pieces [n_layers, n_i] fp32 on CPU) per batch for the samples ``indices``
+    (default all) of ``tokenized``.
 
     Batches are formed by length (less padding). ``min_batches`` pads the loop with repeated
     forwards whose output is dropped, so ranks of a sharded (FSDP) model run the same number of
@@ -183,6 +182,7 @@ def compute_projections(loaded: LoadedModel, directions: DirectionSet, tokenized
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = as_dataset(tokenized)
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
     device = next(model.parameters()).device
     r = directions.directions.to(device)
@@ -192,14 +192,14 @@ def compute_projections(loaded: LoadedModel, directions: DirectionSet, tokenized
     def project(l: int, x: torch.Tensor) -> None:
         _, z_layers[position[l]] = procon_penalty(x, r[l], return_projection=True, validate=False)
 
-    order = sorted(tokenized, key=lambda ex: len(ex.input_ids))
+    indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
+    order = indices[np.argsort(data.lengths[indices], kind="stable")]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    ids, pieces = [], []
     with on_layer_inputs(model, project, layers), tqdm(total=len(order), desc="reference z0", unit="sample",
                                                       disable=not progress) as bar:
         for step in range(max(len(batches), min_batches)):
-            batch = batches[step] if step < len(batches) else (batches[-1] if batches else [_DUMMY])
-            b = collate(batch, pad_id)
+            chosen = batches[step] if step < len(batches) else (batches[-1] if batches else None)
+            b = collate([data[int(i)] for i in chosen] if chosen is not None else [_DUMMY], pad_id)
             mask = b["attention_mask"]
             position_ids = (mask.cumsum(dim=1) - 1).clamp_min(0)
             model(input_ids=b["input_ids"].to(device), attention_mask=mask.to(device),
@@ -208,10 +208,8 @@ def compute_projections(loaded: LoadedModel, directions: DirectionSet, tokenized
                 continue
             response = b["labels"] != IGNORE_INDEX                     # [B, T] on CPU
             values = torch.stack(z_layers)[:, response.to(device)].cpu()   # [n_layers, n_response]
-            ids.extend(b["ids"])
-            pieces.extend(torch.split(values, response.sum(dim=1).tolist(), dim=1))
-            bar.update(len(batch))
-    return ids, pieces
+            bar.update(len(chosen))
+            yield b["ids"], list(torch.split(values, response.sum(dim=1).tolist(), dim=1))
 
 
 _DUMMY = TokenizedExample("<no sample on this rank>", [0, 0], [IGNORE_INDEX, 0])
@@ -250,67 +248,6 @@ def parse_layers(spec: str, directions: DirectionSet) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache files and per-rank parts
-# ---------------------------------------------------------------------------------------------
-
-def part_path(path: Path, rank: int, world: int) -> Path:
-    return path.with_name(f"{path.name}.part{rank}-of-{world}")
-
-
-def write_cache_file(path: str | os.PathLike, ids: list[str], pieces: list[torch.Tensor], header: dict,
-                     storage_dtype: str) -> int:
-    """Write per-sample z0 pieces ([n_layers, n_i] each, in ``ids`` order); returns the bytes written."""
-    if len(ids) != len(pieces):
-        raise ValueError(f"{len(ids)} ids but {len(pieces)} z0 pieces")
-    if len(set(ids)) != len(ids):
-        raise ValueError("duplicate sample ids in the reference cache")
-    n_layers = len(header["layers"])
-    counts = torch.tensor([p.shape[1] for p in pieces], dtype=torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    z0 = torch.cat(pieces, dim=1) if pieces else torch.zeros(n_layers, 0)
-    header = {**header, "storage_dtype": storage_dtype, "n_samples": len(ids), "n_tokens": int(offsets[-1]),
-              "ids": list(ids)}
-    return save_safetensors(path, {"z0": z0.to(STORAGE_DTYPES[storage_dtype]), "offsets": offsets}, FORMAT, header)
-
-
-def read_cache_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
-    """(z0 [n_layers, n_tokens], offsets [n + 1], ids, header) with the layout checked."""
-    tensors, header = read_safetensors(path, FORMAT)
-    z0, offsets, ids = tensors.get("z0"), tensors.get("offsets"), header.get("ids")
-    missing = [name for name in IDENTITY_FIELDS if name not in header]
-    if z0 is None or offsets is None or not isinstance(ids, list) or missing:
-        raise ValueError(f"{path}: corrupt reference cache (needs tensors z0, offsets and header fields ids, "
-                         f"{', '.join(IDENTITY_FIELDS)}; missing {missing or 'a tensor or the ids'})")
-    if (z0.dim() != 2 or z0.shape[0] != len(header["layers"]) or offsets.shape != (len(ids) + 1,)
-            or offsets[0] != 0 or offsets[-1] != z0.shape[1] or (offsets[1:] < offsets[:-1]).any()):
-        raise ValueError(f"{path}: corrupt reference cache: z0 {tuple(z0.shape)}, offsets {tuple(offsets.shape)}, "
-                         f"{len(ids)} ids, {len(header['layers'])} layers do not fit together")
-    return z0, offsets, ids, header
-
-
-def merge_parts(parts: list[str | os.PathLike], path: str | os.PathLike) -> int:
-    """Merge per-rank cache parts into one cache file at ``path``, then delete the parts.
-
-    The parts must agree on every identity field; a sample id in two parts is an error.
-    Returns the bytes written.
-    """
-    loaded = [read_cache_file(p) for p in parts]
-    first = loaded[0][3]
-    for p, (_, _, _, header) in zip(parts, loaded):
-        for name in (*IDENTITY_FIELDS, "storage_dtype"):
-            if header[name] != first[name]:
-                raise ValueError(f"cannot merge {p}: {name} is {header[name]!r}, part {parts[0]} has {first[name]!r}")
-    ids = [sample_id for _, _, part_ids, _ in loaded for sample_id in part_ids]
-    pieces = [piece for z0, offsets, _, _ in loaded
-              for piece in torch.split(z0, (offsets[1:] - offsets[:-1]).tolist(), dim=1)]
-    header = {k: v for k, v in first.items() if k not in ("ids", "n_samples", "n_tokens")}
-    size = write_cache_file(path, ids, pieces, header, first["storage_dtype"])
-    for p in parts:
-        os.unlink(p)
-    return size
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -319,7 +256,7 @@ def register(subparsers) -> None:
         "reference", help="record the initial model's projections z0 on the training data",
         description="Run the initial model once over a training set and store, for every response token and "
                     "every constrained layer, its projection on the refusal direction (z0 of the ProCon loss). "
-                    "Under torchrun each rank processes a share and rank 0 writes one merged file.")
+                    "Under torchrun each rank processes a share and writes its own shard; rank 0 writes the index.")
     add_model_args(p)
     p.add_argument("--directions", required=True, help="directions file from `fastprocon directions` for this model")
     p.add_argument("--data", required=True, help="training data (JSON/JSONL) or a built-in set name, e.g. 'benign'")
@@ -351,13 +288,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = model_from_args(args)
         directions = load_directions_for(loaded, args.directions)
-        data = load_examples_report(data_path, skip_bad_rows=args.skip_bad_rows)
-        if data.skipped:
-            print(f"skipped {len(data.skipped)} of {data.n_rows} bad rows (first: {data.skipped[0]})")
-        tokenized, n_truncated = tokenize_examples(data.examples, loaded.tokenizer, args.max_length,
-                                                   drop_overlong_prompts=args.drop_overlong_prompts)
-        if not tokenized:   # an empty cache would only fail later, in training
-            raise ValueError(f"all {len(data.examples)} examples of {data_path} were dropped by "
+        tokenized = load_training_set(data_path, loaded.tokenizer, args.max_length, skip_bad_rows=args.skip_bad_rows,
+                                      drop_overlong_prompts=args.drop_overlong_prompts)
+        info, n_truncated = tokenized.info, tokenized.info["n_truncated"]
+        if info["n_skipped"]:
+            print(f"skipped {info['n_skipped']} of {info['n_rows']} bad rows (first: {info['first_skipped']})")
+        if not len(tokenized):   # an empty cache would only fail later, in training
+            raise ValueError(f"all {info['n_examples']} examples of {data_path} were dropped by "
                              f"--drop-overlong-prompts: every prompt fills --max-length={args.max_length} tokens; "
                              "raise --max-length")
         report = ReferenceCache.build(loaded, directions, tokenized, parse_layers(args.layers, directions),

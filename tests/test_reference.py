@@ -1,6 +1,7 @@
-"""Reference projections z0: build, file checks, gather, per-rank parts and their merge (tiny model)."""
+"""Reference projections z0: build, file checks, gather, per-rank shards and their index (tiny model)."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -10,14 +11,8 @@ from fastprocon.data import builtin_path, collate, dataset_hash, load_examples, 
 from fastprocon.directions import directions_hash, extract_directions, save_directions
 from fastprocon.io import save_safetensors
 from fastprocon.models import load_model
-from fastprocon.reference import (
-    ReferenceCache,
-    compute_projections,
-    merge_parts,
-    parse_layers,
-    part_path,
-    write_cache_file,
-)
+from fastprocon.reference import ReferenceCache, compute_projections, iter_projections, parse_layers
+from fastprocon.reference_files import shard_path, write_index, write_shard
 from fastprocon.steering import on_layer_inputs
 
 MAX_LENGTH = 160
@@ -52,7 +47,8 @@ def cache_file(setup, tmp_path_factory):
     loaded, ds, tokenized = setup
     path = tmp_path_factory.mktemp("ref") / "z0.safetensors"
     report = ReferenceCache.build(loaded, ds, tokenized, None, MAX_LENGTH, path, batch_size=3, progress=False)
-    assert report.bytes == path.stat().st_size and report.n_samples == len(tokenized)
+    assert report.bytes == path.stat().st_size + shard_path(path, 0, 1).stat().st_size
+    assert report.n_samples == len(tokenized)
     assert report.layers == ds.defined_layers == [1, 2, 3]
     assert report.n_tokens == sum(sum(l != -100 for l in ex.labels) for ex in tokenized)
     return path
@@ -66,6 +62,22 @@ def test_gather_matches_direct_computation(setup, cache_file):
     assert got.shape == (3, 3, batch["labels"].shape[1]) and got.dtype == torch.float32
     torch.testing.assert_close(got, _direct_z0(loaded, ds, batch, [1, 2, 3]), rtol=1e-5, atol=1e-5)
     assert torch.all(got[:, batch["labels"] == -100] == 0)
+
+
+def test_gather_equals_the_recorded_pieces(setup, cache_file):
+    """What the old one-file [n_layers, n_tokens] layout stored per sample, gathered from the
+    token-major shards in any grouping."""
+    loaded, ds, tokenized = setup
+    cache = _load(cache_file, loaded, ds, tokenized)
+    ids, pieces = compute_projections(loaded, ds, tokenized, [1, 2, 3], batch_size=3)   # as cache_file
+    by_id = dict(zip(ids, pieces))
+    for group in ([5], [9, 0, 3], list(range(10))[::-1]):
+        batch = collate([tokenized[i] for i in group], loaded.tokenizer.pad_token_id)
+        got = cache.gather(batch["ids"], batch["labels"])
+        mask = batch["labels"] != -100
+        for row, i in enumerate(group):
+            assert torch.equal(got[:, row, mask[row]], by_id[tokenized[i].id])
+    assert tokenized[0].id in cache and "nope" not in cache
 
 
 def test_layer_subset_and_bf16_storage(setup, cache_file, tmp_path):
@@ -107,16 +119,33 @@ def test_load_missing_corrupt_and_wrong_kind_files(setup, cache_file, tmp_path):
         _load(broken, loaded, ds, tokenized)
     directions = tmp_path / "directions.safetensors"
     save_directions(ds, directions)
-    with pytest.raises(ValueError, match="expected a fastprocon.reference file"):
+    with pytest.raises(ValueError, match="expected a fastprocon.reference-index file"):
         _load(directions, loaded, ds, tokenized)
-    inconsistent = tmp_path / "inconsistent.safetensors"
-    header = {"model_fingerprint": "x", "directions_hash": "x", "dataset_hash": "x", "max_length": 1,
-              "layers": [1, 2], "ids": ["a", "b"]}
-    save_safetensors(inconsistent, {"z0": torch.zeros(2, 5), "offsets": torch.tensor([0, 2, 4])},
-                     "fastprocon.reference", header)
-    with pytest.raises(ValueError, match="do not fit together"):
-        ReferenceCache.load(inconsistent, model_fingerprint=None, directions_hash=None, dataset_hash=None,
-                            max_length=None, layers=None)
+    old = tmp_path / "old.safetensors"
+    save_safetensors(old, {"z0": torch.zeros(2, 5), "offsets": torch.tensor([0, 2, 5])}, "fastprocon.reference",
+                     {"ids": ["a", "b"]})
+    with pytest.raises(ValueError, match="old.safetensors: a reference cache in the old single-file layout; rebuild"):
+        _load(old, loaded, ds, tokenized)
+    shard = shard_path(cache_file, 0, 1)
+    truncated = tmp_path / cache_file.name
+    truncated.write_bytes(cache_file.read_bytes())
+    shard_path(truncated, 0, 1).write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=re.escape(str(shard_path(truncated, 0, 1))) + ": not a readable"):
+        _load(truncated, loaded, ds, tokenized)
+
+
+def test_a_missing_or_foreign_shard_is_named(setup, cache_file, tmp_path):
+    loaded, ds, tokenized = setup
+    path = tmp_path / "z0.safetensors"
+    ReferenceCache.build(loaded, ds, tokenized[:4], None, MAX_LENGTH, path, batch_size=4, progress=False)
+    shard = shard_path(path, 0, 1)
+    shard.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError) as err:
+        _load(path, loaded, ds, tokenized[:4])
+    assert str(err.value).count("\n") == 0 and f"shard {shard} is missing" in str(err.value)
+    shutil.copy(shard_path(cache_file, 0, 1), shard)                     # another build's shard
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: belongs to another build of {path}")):
+        _load(path, loaded, ds, tokenized[:4])
 
 
 def test_gather_errors(setup, cache_file):
@@ -133,19 +162,21 @@ def test_gather_errors(setup, cache_file):
         cache.gather(batch["ids"][:1], batch["labels"])
 
 
-def test_per_rank_parts_merge_into_the_single_process_cache(setup, cache_file, tmp_path):
+def test_per_rank_shards_and_index_equal_the_single_process_cache(setup, cache_file, tmp_path):
     loaded, ds, tokenized = setup
-    path, world = tmp_path / "merged.safetensors", 2
-    header = _load(cache_file, loaded, ds, tokenized).header
+    path, world = tmp_path / "sharded.safetensors", 2
+    header = {**_load(cache_file, loaded, ds, tokenized).header, "build_id": "b1"}
     for rank in range(world):   # what each rank of a torchrun build writes
-        ids, pieces = compute_projections(loaded, ds, tokenized[rank::world], [1, 2, 3], batch_size=2)
-        write_cache_file(part_path(path, rank, world), ids, pieces, header, "fp32")
-    merge_parts([part_path(path, r, world) for r in range(world)], path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors"]       # parts removed
-    merged, single = _load(path, loaded, ds, tokenized), _load(cache_file, loaded, ds, tokenized)
-    assert len(merged) == len(single) == len(tokenized)
+        write_shard(path, iter_projections(loaded, ds, tokenized, [1, 2, 3], batch_size=2,
+                                           indices=range(rank, len(tokenized), world)), header, rank, world)
+    size = write_index(path, world)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["sharded.safetensors", "sharded.shard0-of-2.safetensors", "sharded.shard1-of-2.safetensors"]
+    assert size == sum((tmp_path / n).stat().st_size for n in names)
+    sharded, single = _load(path, loaded, ds, tokenized), _load(cache_file, loaded, ds, tokenized)
+    assert len(sharded) == len(single) == len(tokenized)
     batch = collate(tokenized, loaded.tokenizer.pad_token_id)
-    torch.testing.assert_close(merged.gather(batch["ids"], batch["labels"]),
+    torch.testing.assert_close(sharded.gather(batch["ids"], batch["labels"]),
                                single.gather(batch["ids"], batch["labels"]), rtol=1e-6, atol=1e-6)
 
 
@@ -163,18 +194,17 @@ def test_ranks_with_fewer_samples_run_as_many_forwards(setup):
         assert len(calls) == 2
 
 
-def test_merge_rejects_disagreeing_or_overlapping_parts(setup, cache_file, tmp_path):
+def test_index_rejects_disagreeing_or_overlapping_shards(setup, cache_file, tmp_path):
     loaded, ds, tokenized = setup
-    header = _load(cache_file, loaded, ds, tokenized).header
-    ids, pieces = compute_projections(loaded, ds, tokenized[:3], [1, 2, 3], batch_size=3)
-    a, b, c = (tmp_path / name for name in ("a", "b", "c"))
-    write_cache_file(a, ids, pieces, header, "fp32")
-    write_cache_file(b, ids[:1], pieces[:1], {**header, "max_length": 99}, "fp32")
-    write_cache_file(c, ids[:1], pieces[:1], header, "fp32")
-    with pytest.raises(ValueError, match="cannot merge .*b: max_length is 99"):
-        merge_parts([a, b], tmp_path / "out")
-    with pytest.raises(ValueError, match="duplicate sample ids"):
-        merge_parts([a, c], tmp_path / "out")
+    header = {**_load(cache_file, loaded, ds, tokenized).header, "build_id": "b1"}
+    batches = [compute_projections(loaded, ds, tokenized[:3], [1, 2, 3], batch_size=3)]
+    write_shard(tmp_path / "a", batches, header, 0, 2)
+    write_shard(tmp_path / "a", batches, {**header, "max_length": 99}, 1, 2)
+    with pytest.raises(ValueError, match="cannot index .*a.shard1-of-2: max_length is 99"):
+        write_index(tmp_path / "a", 2)
+    write_shard(tmp_path / "a", batches, header, 1, 2)
+    with pytest.raises(ValueError, match="duplicate sample id"):
+        write_index(tmp_path / "a", 2)
 
 
 def test_build_and_layer_errors(setup, tmp_path):

@@ -68,6 +68,9 @@ def test_two_process_fsdp2_run_through_the_cli(two_proc_run):
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     assert load_model(str(two_proc_run / "model")).model.config.num_hidden_layers == 4
+    # z0 recorded by both processes: one token-major shard each, plus rank 0's index
+    assert sorted(p.name for p in two_proc_run.glob("reference*")) == [
+        "reference.safetensors", "reference.shard0-of-2.safetensors", "reference.shard1-of-2.safetensors"]
 
 
 def test_resume_on_one_process_from_a_two_process_checkpoint(two_proc_run, tmp_path):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -24,7 +24,8 @@ from torch import Tensor
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.hooks import ProConHooks, stack_recorded
 from fastprocon.models import unwrap_model
-from fastprocon.reference import ReferenceCache, write_cache_file
+from fastprocon.reference import ReferenceCache
+from fastprocon.reference_files import write_index, write_shard
 
 # batch keys passed on to the model when the pre-pass re-runs a batch (flash-attention's
 # padding-free keys included); labels are left out, so no loss is computed
@@ -124,7 +125,8 @@ def record_reference(model: torch.nn.Module, hooks: ProConHooks, batches: Iterab
             pieces.append(z[:, seg.row, seg.start:seg.end][:, response[seg.row, seg.start:seg.end]])
     if not keys:
         raise ValueError("the reference pre-pass got no samples: the training data loader is empty")
-    write_cache_file(Path(path), keys, pieces, header, "fp32")
+    write_shard(path, [(keys, pieces)], {**header, "storage_dtype": "fp32", "build_id": uuid.uuid4().hex}, 0, 1)
+    write_index(path, 1)
     return len(keys)
 
 

@@ -15,15 +15,8 @@ from typing import Callable
 
 import torch
 
-from fastprocon.data import (
-    TokenizedExample,
-    dataset_hash,
-    load_examples,
-    load_instructions,
-    mix_examples,
-    resolve_data_path,
-    tokenize_examples,
-)
+from fastprocon.data import load_instructions, resolve_data_path
+from fastprocon.data_cache import TokenizedDataset, load_training_set
 from fastprocon.directions import (
     DirectionSet,
     directions_hash,
@@ -40,7 +33,7 @@ from fastprocon.train.distributed import DistContext, barrier, broadcast_object
 
 @dataclass
 class TrainingData:
-    examples: list[TokenizedExample]
+    examples: TokenizedDataset   # memory-mapped; examples[i] materialises one sample
     hash: str
     n_primary: int          # examples from data.train
     n_safety: int           # safety examples mixed in
@@ -61,19 +54,20 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def load_training_data(cfg: Config, tokenizer) -> TrainingData:
-    """data.train (+ data.safety_samples from data.safety, mixed by the seed), tokenized."""
+    """data.train (+ data.safety_samples from data.safety, mixed by the seed), tokenized through
+    the on-disk cache (fastprocon/data_cache.py): memory-mapped, built once by rank 0."""
     d = cfg.data
-    primary = load_examples(resolve_data_path(d.train), skip_bad_rows=d.skip_bad_rows)
-    examples = primary
-    if d.safety_samples > 0:
-        safety = load_examples(resolve_data_path(d.safety), skip_bad_rows=d.skip_bad_rows)
-        if d.safety_samples > len(safety):
-            raise ValueError(f"config data.safety_samples = {d.safety_samples} but {d.safety} has only "
-                             f"{len(safety)} examples")
-        examples = mix_examples(primary, safety, d.safety_samples, cfg.train.seed)
-    tokenized, n_truncated = tokenize_examples(examples, tokenizer, d.max_length,
-                                               drop_overlong_prompts=d.drop_overlong_prompts)
-    return TrainingData(tokenized, dataset_hash(tokenized), len(primary), d.safety_samples, n_truncated)
+    try:
+        examples = load_training_set(resolve_data_path(d.train), tokenizer, d.max_length,
+                                     skip_bad_rows=d.skip_bad_rows, drop_overlong_prompts=d.drop_overlong_prompts,
+                                     safety=resolve_data_path(d.safety) if d.safety_samples > 0 else None,
+                                     safety_samples=d.safety_samples, seed=cfg.train.seed)
+    except ValueError as err:
+        if str(err).startswith("safety_samples = "):
+            raise ValueError(f"config data.{err}") from None
+        raise
+    return TrainingData(examples, examples.hash, examples.info["n_primary"], d.safety_samples,
+                        examples.info["n_truncated"])
 
 
 def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir: Path, ctx: DistContext,

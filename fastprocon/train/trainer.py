@@ -32,7 +32,7 @@ from fastprocon.train.batches import StepBatches
 from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.export import clean_export_staging, export_model
-from fastprocon.train.loss import ce_sum, example_counts, procon_scale, shift_labels
+from fastprocon.train.loss import ce_sum, procon_scale, shift_labels
 from fastprocon.train.metrics import (MetricsLog, count_params, flops_per_token, peak_flops, peak_memory_gib,
                                       read_metrics, reset_peak_memory)
 from fastprocon.train.prepare import load_training_data, prepare_procon, run_dir_of, wrap_for_training
@@ -126,9 +126,9 @@ class Trainer:
         n_params = count_params(model)
         self._flops_base = (n_params, num_layers(model), hidden_size(model))
         self._peak_flops = peak_flops(ctx.device)
-        # per-example counts for the host-side global normalisers
-        self._n_pred, self._n_resp = zip(*map(example_counts, self.data.examples))
-        self._n_tok = [len(ex.input_ids) for ex in self.data.examples]
+        # per-example counts (int64 arrays, as loss.example_counts) for the host-side global normalisers
+        ds = self.data.examples
+        self._n_pred, self._n_resp, self._n_tok = ds.n_predicted, ds.n_response, ds.lengths
         self.say(f"{n_params / 1e6:.1f}M parameters ({sum(q.numel() for q in params) / 1e6:.2f}M trained"
                  f"{', LoRA' if cfg.model.lora else ''}); {self.max_steps} steps of {cfg.train.batch_size} samples "
                  f"({ctx.world_size} x {self.batches.grad_accum} micro-batches of {cfg.train.micro_batch_size}); "
@@ -146,11 +146,11 @@ class Trainer:
         adding into the parameters' gradients; accumulates logged sums on the device."""
         cfg, dev, world = self.cfg, self.ctx.device, self.ctx.world_size
         idx = self.batches.global_indices(step)
-        n_pred = sum(self._n_pred[i] for i in idx)
+        n_pred = int(self._n_pred[idx].sum())
         alpha = self.alpha(step)
         scale = None
         if alpha > 0:
-            value = procon_scale(alpha, cfg.procon.reduction, world, len(idx), sum(self._n_resp[i] for i in idx))
+            value = procon_scale(alpha, cfg.procon.reduction, world, len(idx), int(self._n_resp[idx].sum()))
             scale = torch.full((), value, dtype=torch.float32, device=dev)   # a fill: no host-device copy
             self._procon_samples += len(idx)
         for mb in self.batches.micro_batches(step):
@@ -167,8 +167,9 @@ class Trainer:
         if scale is not None:
             self._acc[1] += self.hooks.take_penalty() / scale
         self._n_pred_acc += n_pred
-        self._n_tok_acc += sum(self._n_tok[i] for i in idx)
-        self._seq_acc += sum(self._n_tok[i] for i in idx) / len(idx)
+        n_tok = int(self._n_tok[idx].sum())
+        self._n_tok_acc += n_tok
+        self._seq_acc += n_tok / len(idx)
 
     def _z0(self, mb: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[n_layers, B, T] reference projections of a micro-batch: from the cache, or from this
