@@ -3,13 +3,13 @@ what eval-refusal's score, `drift` and the reference cache give for the same che
 leave the training losses bitwise unchanged; a resumed run continues the probe series; 2
 processes log the same probe values as 1; the refusal guard warns and stops; `fastprocon report`."""
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import fastprocon.train.trainer as trainer_module
 from fastprocon.cli import main
 from fastprocon.train import Trainer, load_config, train
 from fastprocon.train.dashboard import split_records
@@ -37,6 +37,12 @@ def probe_lines(run_dir):
 
 def train_lines(run_dir):
     return [{k: r[k] for k in COMPARED} for r in split_records(read_metrics(run_dir))[0]]
+
+
+@pytest.fixture
+def no_dashboard(monkeypatch):
+    """Skip the end-of-run drawing (seconds of matplotlib) in runs whose test does not look at it."""
+    monkeypatch.setattr(trainer_module, "draw_dashboard", lambda run_dir: Path(run_dir) / "dashboard.png")
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +120,17 @@ def test_probe_equals_eval_refusal_drift_and_the_reference_cache(probe_run, tmp_
     assert last["probe_projection_deviation"][1:] == pytest.approx(want, rel=1e-3, abs=1e-5)
 
 
-def test_probes_do_not_change_training(probe_run, tmp_path):
+def test_probes_do_not_change_training(probe_run, tmp_path, capsys, no_dashboard):
     result = train(load_config("tiny", overrides(tmp_path, assets=probe_run, probe=False)))
     assert result.final_step == 4 and probe_lines(tmp_path) == []
     assert train_lines(tmp_path) == train_lines(probe_run)   # bitwise equal on CPU fp32
+    # resumed with the probe on: it has no step-0 state to compare with, and says so
+    train(load_config("tiny", overrides(tmp_path, "max_steps=6", assets=probe_run)))
+    assert "safety probe off for this run" in capsys.readouterr().out
+    assert probe_lines(tmp_path) == []
 
 
-def test_resume_continues_the_probe_series(probe_run, tmp_path, monkeypatch):
+def test_resume_continues_the_probe_series(probe_run, tmp_path, monkeypatch, no_dashboard):
     original = Trainer.step
 
     def crash_at_step_4(self, step):
@@ -132,7 +142,7 @@ def test_resume_continues_the_probe_series(probe_run, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(load_config("tiny", overrides(tmp_path, assets=probe_run)))
     assert [r["step"] for r in probe_lines(tmp_path)] == [0, 2]
-    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "step", original)
     result = train(load_config("tiny", overrides(tmp_path, assets=probe_run)))
     assert result.start_step == 2
     got, want = probe_lines(tmp_path), probe_lines(probe_run)
@@ -142,14 +152,7 @@ def test_resume_continues_the_probe_series(probe_run, tmp_path, monkeypatch):
             assert g[key] == w[key], (key, g["step"])   # bitwise: same weights, same inputs
 
 
-def test_resume_without_the_step0_state_says_so(probe_run, tmp_path, capsys):
-    train(load_config("tiny", overrides(tmp_path, "max_steps=2", assets=probe_run, probe=False)))
-    train(load_config("tiny", overrides(tmp_path, assets=probe_run)))
-    assert "safety probe off for this run" in capsys.readouterr().out
-    assert probe_lines(tmp_path) == []
-
-
-def test_refusal_guard_warns_then_stops_with_a_checkpoint(probe_run, tmp_path, capsys):
+def test_refusal_guard_warns_then_stops_with_a_checkpoint(probe_run, tmp_path, capsys, no_dashboard):
     # the random tiny model never prefers a refusal token: share 0 at every probe
     result = train(load_config("tiny", overrides(tmp_path, "min_refusal_share=0.5", "stop_below_min_refusal=true",
                                                  "checkpoint_every=0", assets=probe_run)))

@@ -41,6 +41,7 @@ def draw_dashboard(run_dir: str | os.PathLike, out: str | os.PathLike | None = N
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
@@ -125,6 +126,9 @@ def draw_dashboard(run_dir: str | os.PathLike, out: str | os.PathLike | None = N
             from matplotlib.cm import ScalarMappable
             from matplotlib.colors import Normalize
             fig.colorbar(ScalarMappable(Normalize(layers[0], layers[-1]), cmap), ax=ax_dev, label="layer")
+    ax_drift.yaxis.set_major_locator(MaxNLocator(integer=True))   # layers and steps are integers
+    for ax in (ax_loss, ax_refusal, ax_dev):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"fastprocon run {run_dir.name}")
     fig.tight_layout()
     path = Path(out) if out is not None else run_dir / DASHBOARD_FILE
