@@ -26,6 +26,7 @@ COMMANDS = {
     "reference": "fastprocon.reference",
     "drift": "fastprocon.drift",
     "eval-refusal": "fastprocon.evaluate",
+    "report": "fastprocon.train.dashboard",
 }
 
 

@@ -69,12 +69,14 @@ class DirectionSet:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def prompt_states(loaded: LoadedModel, prompts: list[str], batch_size: int = 16,
-                  desc: str | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (indices into ``prompts``, layer inputs at their last tokens [B, L, D] fp32, model device).
+def prompt_forward(loaded: LoadedModel, prompts: list[str], batch_size: int = 16, desc: str | None = None,
+                   *, logits: bool = False) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """Yield (indices into ``prompts``, layer inputs at their last tokens [B, L, D] fp32, next-token
+    logits there [B, V] fp32 or None), on the model's device.
 
     Prompts are batched by length and right-padded, so under causal attention the real tokens
-    never see the padding; the last real token of row i sits at index len_i - 1.
+    never see the padding; the last real token of row i sits at index len_i - 1. With ``logits``
+    the LM head runs only at the batch's distinct last positions (``logits_to_keep`` as indices).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -97,9 +99,38 @@ def prompt_states(loaded: LoadedModel, prompts: list[str], batch_size: int = 16,
             ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)
             last = torch.tensor([len(s) - 1 for s in seqs], device=device)
             rows.clear()
-            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-            yield chunk, torch.stack(rows, dim=1)
+            keep, where = (last.unique(return_inverse=True)) if logits else (1, None)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+            last_logits = None
+            if logits:   # out.logits [B, K, V]: row i's last token is column where[i]
+                last_logits = out.logits[torch.arange(len(chunk), device=device), where].float()
+            yield chunk, torch.stack(rows, dim=1), last_logits
             bar.update(len(chunk))
+
+
+def prompt_states(loaded: LoadedModel, prompts: list[str], batch_size: int = 16,
+                  desc: str | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (indices into ``prompts``, layer inputs at their last tokens [B, L, D] fp32, model device);
+    see :func:`prompt_forward`."""
+    for chunk, states, _ in prompt_forward(loaded, prompts, batch_size, desc):
+        yield chunk, states
+
+
+def difference_in_means(mu_harmful: torch.Tensor, mu_harmless: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit directions [L, D] fp32, norms [L] fp32) from the mean layer inputs [L, D] (float64) of the
+    two prompt sets; a layer whose difference is (relatively) zero gets a zero row and norm 0."""
+    diff = mu_harmful.double() - mu_harmless.double()
+    norms = diff.norm(dim=-1)
+    if not torch.isfinite(diff).all():
+        raise ValueError("the mean difference is non-finite at some layer (overflow in the model's activations?)")
+    # A layer whose input at the last prompt token does not depend on the prompt has no direction:
+    # layer 0 (the embedding of the template's fixed last token) always, so its row stays zero.
+    undefined = norms <= _UNDEFINED_RTOL * norms.max()
+    if undefined.all():
+        raise ValueError("the mean difference is zero at every layer: are the two prompt sets identical?")
+    norms = norms.masked_fill(undefined, 0.0)
+    unit = (diff / norms.clamp_min(1e-300)[:, None]).masked_fill(undefined[:, None], 0.0)
+    return unit.float(), norms.float()
 
 
 def extract_directions(loaded: LoadedModel, harmful: list[str], harmless: list[str], batch_size: int = 16,
@@ -115,26 +146,21 @@ def extract_directions(loaded: LoadedModel, harmful: list[str], harmless: list[s
         for _, states in prompt_states(loaded, prompts, batch_size, desc=f"{name} prompts" if progress else None):
             total = total + states.double().sum(dim=0)          # [L, D] float64
         mu[name] = total.cpu() / len(prompts)
-    diff = mu["harmful"] - mu["harmless"]
-    norms = diff.norm(dim=-1)
-    if not torch.isfinite(diff).all():
-        raise ValueError("the mean difference is non-finite at some layer (overflow in the model's activations?)")
-    # A layer whose input at the last prompt token does not depend on the prompt has no direction:
-    # layer 0 (the embedding of the template's fixed last token) always, so its row stays zero.
-    undefined = norms <= _UNDEFINED_RTOL * norms.max()
-    if undefined.all():
-        raise ValueError("the mean difference is zero at every layer: are the two prompt sets identical?")
-    norms = norms.masked_fill(undefined, 0.0)
-    unit = (diff / norms.clamp_min(1e-300)[:, None]).masked_fill(undefined[:, None], 0.0)
-    metadata = {"model": loaded.name, "fingerprint": loaded.fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
-                "hidden_size": diff.shape[1],
-                "num_layers": diff.shape[0], "n_harmful": len(harmful), "n_harmless": len(harmless),
-                "undefined_layers": undefined.nonzero().flatten().tolist(), "position": POSITION,
-                "template_example": format_prompt(loaded.tokenizer, "{prompt}"),
-                "model_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sources": sources or {},
-                "harmful_prompts": list(harmful), "harmless_prompts": list(harmless)}
-    return DirectionSet(unit.float(), norms.float(), metadata)
+    unit, norms = difference_in_means(mu["harmful"], mu["harmless"])
+    return DirectionSet(unit, norms, direction_metadata(loaded, harmful, harmless, norms, sources))
+
+
+def direction_metadata(loaded: LoadedModel, harmful: list[str], harmless: list[str], norms: torch.Tensor,
+                       sources: dict | None) -> dict:
+    """The metadata stored with directions extracted from ``loaded`` on these prompts."""
+    return {"model": loaded.name, "fingerprint": loaded.fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
+            "hidden_size": hidden_size(loaded.model),
+            "num_layers": len(norms), "n_harmful": len(harmful), "n_harmless": len(harmless),
+            "undefined_layers": (norms == 0).nonzero().flatten().tolist(), "position": POSITION,
+            "template_example": format_prompt(loaded.tokenizer, "{prompt}"),
+            "model_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sources": sources or {},
+            "harmful_prompts": list(harmful), "harmless_prompts": list(harmless)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ def _report(result) -> None:
         procon = f", ProCon {last['procon']:.4g}" if last.get("procon") is not None else ""
         lines.append(f"last logged: step {last['step']}, CE {last['ce']:.4f}{procon}, "
                      f"{last['tokens_per_s']:.0f} tokens/s")
+    if result.stopped:
+        lines.append(f"stopped early: {result.stopped}")
     lines.append(f"run directory: {result.run_dir}  (metrics.jsonl, config.toml, summary.json)")
     if result.checkpoint:
         lines.append(f"checkpoint:    {result.checkpoint}")

@@ -86,6 +86,14 @@ class TrainConfig:
     micro_batch_size: int = 4              # samples per forward pass on one process
     log_every: int = 10                    # steps between metric lines (and host syncs)
     tensorboard: bool = False
+    safety_probe_every: int = 0            # live safety probe (train/probe.py) at step 0, every K steps, the last; 0 = off
+    probe_harmful: str = "harmful_eval"    # probe prompts: a file or built-in set name
+    probe_harmless: str = "harmless_eval"
+    probe_max_prompts: int = 0             # seeded subset per prompt set; 0 = all
+    probe_samples: int = 8                 # first N training examples: the projection-deviation slice
+    probe_batch_size: int = 16
+    min_refusal_share: float = 0.0         # warn when the probe's harmful refusal share falls below; 0 = off
+    stop_below_min_refusal: bool = False   # ... and stop there (with a checkpoint)
 
 
 @dataclass
@@ -303,6 +311,16 @@ def validate(cfg: Config) -> None:
     need(t.batch_size % t.micro_batch_size == 0, "train.batch_size",
          f"a multiple of micro_batch_size ({t.micro_batch_size})")
     need(t.log_every >= 1, "train.log_every", ">= 1")
+    need(t.safety_probe_every >= 0, "train.safety_probe_every", ">= 0 (0 = off)")
+    need(bool(t.probe_harmful) and bool(t.probe_harmless), "train.probe_harmful", "a prompt file or built-in set name")
+    need(t.probe_max_prompts >= 0, "train.probe_max_prompts", ">= 0 (0 = all)")
+    need(t.probe_samples >= 1, "train.probe_samples", ">= 1")
+    need(t.probe_batch_size >= 1, "train.probe_batch_size", ">= 1")
+    need(0 <= t.min_refusal_share <= 1, "train.min_refusal_share", "in [0, 1] (0 = off)")
+    need(t.min_refusal_share == 0 or t.safety_probe_every > 0, "train.min_refusal_share",
+         "0 unless safety_probe_every > 0 (the guard reads the probe)")
+    need(not t.stop_below_min_refusal or (t.min_refusal_share > 0 and t.safety_probe_every > 0),
+         "train.stop_below_min_refusal", "false unless min_refusal_share > 0 and safety_probe_every > 0")
     need(c.checkpoint_every >= 0, "checkpoint.checkpoint_every", ">= 0 (0 = only at the end)")
     need(c.keep_checkpoints >= 1, "checkpoint.keep_checkpoints", ">= 1")
     need(bool(c.resume), "checkpoint.resume", "'auto', 'never' or a checkpoint directory")

@@ -129,6 +129,10 @@ class MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and value is not None:
                     self._tb.add_scalar(key, value, record["step"])
+                elif isinstance(value, list):   # per-layer values (the safety probe): key/layer_NN
+                    for layer, v in enumerate(value):
+                        if isinstance(v, (int, float)):
+                            self._tb.add_scalar(f"{key}/layer_{layer:02d}", v, record["step"])
 
     def close(self) -> None:
         if self._tb is not None:

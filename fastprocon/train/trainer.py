@@ -30,12 +30,14 @@ from fastprocon.io import atomic_path, write_json
 from fastprocon.train import distributed as D
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
+from fastprocon.train.dashboard import draw_dashboard
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.export import clean_export_staging, export_model
 from fastprocon.train.loss import ce_sum, procon_scale, shift_labels
 from fastprocon.train.metrics import (MetricsLog, count_params, flops_per_token, peak_flops, peak_memory_gib,
                                       read_metrics, reset_peak_memory)
 from fastprocon.train.prepare import load_training_data, prepare_procon, run_dir_of, wrap_for_training
+from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
 from fastprocon.train.schedule import AlphaSchedule, WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
 
@@ -63,6 +65,7 @@ class TrainResult:
     seconds: float
     metrics: list[dict]       # the metric records written by this invocation
     stopped_by: str | None = None   # "SIGTERM"/"SIGINT" when a signal stopped the run at final_step
+    stopped: str | None = None      # why the refusal guard stopped the run before max_steps, else None
 
 
 class Trainer:
@@ -111,6 +114,9 @@ class Trainer:
             rows = self.procon.directions.directions[self.procon.layers].to(ctx.device)
             p = cfg.procon
             self.hooks = ProConHooks(model, self.procon.layers, rows, norm=p.norm, delta=p.delta, backend=p.backend)
+        self.probe = None
+        if cfg.train.safety_probe_every:
+            self.probe = SafetyProbe(cfg, ctx, loaded, self.data.examples, self.procon, self.run_dir, self.say)
 
         params = [q for q in model.parameters() if q.requires_grad]
         o = cfg.optim
@@ -242,6 +248,21 @@ class Trainer:
         self._reset_interval()
         return record
 
+    def run_probe(self, step: int) -> bool:
+        """The safety probe after ``step`` steps: a metrics line, the bar's postfix, the refusal
+        guard; its time is left out of the interval's throughput. Returns True to stop the run."""
+        t0 = time.perf_counter()
+        record = self.probe.measure(step)
+        self._t0 += time.perf_counter() - t0
+        if record is None:
+            return False
+        self.metrics.write(record)
+        self._postfix["refusal"] = f"{record[SHARE_KEY]:.2f}"
+        note, stop = self.probe.guard(record)
+        if note:
+            self.say(note)
+        return stop
+
     # -- the loop --------------------------------------------------------------------------------
 
     def _identity(self) -> tuple[dict, dict]:
@@ -284,7 +305,7 @@ class Trainer:
 
     def _resume(self) -> int:
         if self._resume_from is None:
-            D.on_main(lambda: self.metrics.truncate_after(0))
+            D.on_main(lambda: self.metrics.truncate_after(-1))   # a fresh start: no line survives (probe step 0 too)
             return 0
         path, state = self._resume_from
         self.ckpt.load(path, state, self.model, self.optimizer)
@@ -306,34 +327,48 @@ class Trainer:
         if self.ctx.is_main:   # only now: a run refused by the checks above leaves the record as it was
             with atomic_path(self.run_dir / "config.toml") as tmp:
                 Path(tmp).write_text(to_toml(cfg))
-        written, done, stopped = [], start, None
+        written, done, stopped_by, stopped, self._postfix = [], start, None, None, {}
         every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
         hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()
         # a signal during the steps only sets a flag, agreed on by all processes at each step boundary
         with hooks, self.stop.deferred(), tqdm(total=self.max_steps, initial=start, desc="train", unit="step",
                                                disable=not self.ctx.is_main) as bar:
+            if self.probe is not None and start == 0:
+                self.run_probe(0)
+                bar.set_postfix(self._postfix)
             self._reset_interval()
             for s in range(start, self.max_steps):
                 self.step(s)
                 done = s + 1
                 bar.update(1)
-                stopped = self.stop.agreed()
-                checkpoint_now = (every and done % every == 0) or done == self.max_steps or stopped is not None
-                if done % log_every == 0 or checkpoint_now:
-                    record = self.flush_metrics(done)
-                    written.append(record)
-                    bar.set_postfix(ce=f"{record['ce']:.3f}", refresh=False)
+                stopped_by = self.stop.agreed()
+                checkpoint_now = (every and done % every == 0) or done == self.max_steps or stopped_by is not None
+                logged = done % log_every == 0 or checkpoint_now
+                if logged:
+                    written.append(self.flush_metrics(done))
+                if self.probe is not None and probe_due(done, self.probe.every, self.max_steps) \
+                        and self.run_probe(done):
+                    stopped = f"harmful refusal share below train.min_refusal_share at step {done}"
+                    if not logged:
+                        written.append(self.flush_metrics(done))
+                    checkpoint_now = True
+                if written:
+                    self._postfix["ce"] = f"{written[-1]['ce']:.3f}"
+                bar.set_postfix(self._postfix, refresh=False)
                 if checkpoint_now:
                     self.ckpt.save(done, self.model, self.optimizer, self._trainer_state(done))
-                if stopped is not None:
+                if stopped_by is not None or stopped:
                     break
-            if stopped is None and done > start:   # a signal during the last step or its checkpoint
-                stopped = self.stop.agreed(now=True)
+            if stopped_by is None and not stopped and done > start:   # a signal during the last step or its checkpoint
+                stopped_by = self.stop.agreed(now=True)
         latest = self.ckpt.latest()
-        export_dir = self.export() if cfg.checkpoint.export and stopped is None else None
+        halted = stopped_by is not None or stopped is not None
+        export_dir = self.export() if cfg.checkpoint.export and not halted else None
         self.metrics.close()
-        return TrainResult(self.run_dir, start, done if stopped else self.max_steps, latest, export_dir,
-                           time.perf_counter() - t_start, written, stopped)
+        if self.probe is not None and self.ctx.is_main:
+            self.say(f"safety dashboard: {draw_dashboard(self.run_dir)}")
+        return TrainResult(self.run_dir, start, done if halted else self.max_steps, latest, export_dir,
+                           time.perf_counter() - t_start, written, stopped_by=stopped_by, stopped=stopped)
 
     def export(self) -> Path:
         full = full_model_state_dict(self.model)   # collective
@@ -385,6 +420,7 @@ def summary_of(result: TrainResult, trainer: Trainer) -> dict:
             "constrained_layers": trainer.procon.layers if trainer.procon else [],
             "first_ce": first["ce"] if first else None, "last_ce": last["ce"] if last else None,
             "last_procon": last["procon"] if last else None,
+            "stopped": result.stopped, "probe_seconds": round(trainer.probe.seconds, 2) if trainer.probe else None,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
             "export_dir": str(result.export_dir) if result.export_dir else None,
             "stopped_by": result.stopped_by}
