@@ -97,9 +97,11 @@ class TokenizedDataset(Sequence):
     def id(self, i: int) -> str:
         return bytes(self.id_bytes[self.id_offsets[i]:self.id_offsets[i + 1]]).decode()
 
-    def __getitem__(self, i: int) -> TokenizedExample:
+    def __getitem__(self, i: int | slice) -> TokenizedExample | list[TokenizedExample]:
+        if isinstance(i, slice):   # a list of the samples (each materialised, as one index would)
+            return [self[j] for j in range(*i.indices(len(self)))]
         if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"a TokenizedDataset is indexed by one int, got {type(i).__name__}")
+            raise TypeError(f"a TokenizedDataset is indexed by an int or a slice, got {type(i).__name__}")
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         i = int(i) % len(self)

@@ -62,8 +62,9 @@ def test_cache_equals_plain_tokenization_and_is_reused(tmp_path, data, tok, monk
     moved.mkdir()
     (moved / data.name).write_bytes(data.read_bytes())        # same stem and content: same key
     assert load_training_set(moved / data.name, tok, 80, cache_dir=tmp_path / "cache").hash == ds.hash
+    assert [ex.id for ex in ds[1:3]] == [ds[1].id, ds[2].id]     # a slice is a list of samples
     with pytest.raises(TypeError):
-        ds[0:2]
+        ds["0"]
     assert ds[-1].id == ds[len(ds) - 1].id
 
 

@@ -411,6 +411,7 @@ def summary_of(result: TrainResult, trainer: Trainer) -> dict:
     """The run's summary: CE and ProCon from the whole metrics.jsonl (also the steps of earlier,
     resumed invocations), so a resumed or re-exported run reports the run, not its last segment."""
     records = read_metrics(result.run_dir) if (result.run_dir / "metrics.jsonl").is_file() else []
+    records = [r for r in records if "ce" in r]   # training lines (probe lines have probe_* keys only)
     first = records[0] if records else None
     last = records[-1] if records else None
     return {"run_dir": str(result.run_dir), "model": trainer.model_name, "processes": trainer.ctx.world_size,
