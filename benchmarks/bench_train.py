@@ -31,6 +31,13 @@ Models (``--models``, each optionally ``name:layers`` to keep only the first lay
 
     python benchmarks/bench_train.py                                  # CPU: SmolLM2, fp32
     python benchmarks/bench_train.py --models llama3-8b:4 llama3.2-1b --dtype bf16 --batch 4 --seq 2048
+
+``--setups`` compares the step's options instead (packing, chunked CE, compiled layers; each with
+ProCon off and on; see train_setups.py), into setups_<device tag>.csv and .png:
+
+    python benchmarks/bench_train.py --setups padded packed --models smollm2 \
+        --data ../shared/data/gsm8k/train.jsonl --rows 256 --max-length 512 --batch 8 --micro-batch 4
+    python benchmarks/bench_train.py --setups padded chunked --models llama3-128k-small --batch 4 --seq 512
 """
 from __future__ import annotations
 
@@ -46,11 +53,12 @@ import torch
 from tqdm.auto import tqdm
 
 import harness
+import train_setups
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.hooks import ProConHooks
 from fastprocon.models import decoder_layers, hidden_size, load_model
 from fastprocon.train.loss import ce_sum, shift_labels
-from fastprocon.train.metrics import count_params, flops_per_token, peak_flops
+from fastprocon.train.metrics import attention_width, count_params, matmul_params, peak_flops, training_flops
 
 VARIANTS = ("off", "reference", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -67,6 +75,10 @@ ARCHS = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                         max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # Llama-3's vocabulary and layout at a small width and depth: what the output layer costs
+    "llama3-128k-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=128256, tie_word_embeddings=False,
+                              rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                       max_position_embeddings=8192, rms_norm_eps=1e-5),
@@ -101,15 +113,6 @@ def build_model(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[to
         del layer_list[int(layers):]
         model.config.num_hidden_layers = len(layer_list)
     return model.train(), spec
-
-
-def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that take part in matmuls: all but an untied input embedding."""
-    total = count_params(model)
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is emb
-    return total if tied else total - emb.numel()
 
 
 def make_batch(batch: int, seq: int, vocab: int, n_layers: int, hidden: int, device: torch.device) -> dict:
@@ -190,7 +193,7 @@ def bench_model(spec: str, args, device: torch.device, env: dict, memory_pass: b
         return [{"key": f"{name}|{v}", "peak_mem_bytes": peaks[v]} for v in args.variants]
     tokens = args.batch * args.seq
     n_matmul = matmul_params(model)
-    flops = flops_per_token(n_matmul, n_layers, hidden, args.seq)
+    flops = training_flops(n_matmul, n_layers, attention_width(model.config), [args.seq]) / args.seq
     peak = peak_flops(device)
     rows = []
     for v in args.variants:
@@ -249,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (default 2)")
     p.add_argument("--rounds", type=int, help="timed steps per variant, interleaved (default 8 CPU, 10 CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--setups", nargs="+", choices=sorted(train_setups.SETUPS),
+                   help="compare these step set-ups (each with ProCon off and fused) instead of the ProCon variants")
+    p.add_argument("--data", type=Path, help="--setups: a data file (json/jsonl) instead of random tokens")
+    p.add_argument("--rows", type=int, default=256, help="--setups --data: rows used (default 256)")
+    p.add_argument("--max-length", type=int, default=512, help="--setups --data: tokens per sample (default 512)")
+    p.add_argument("--micro-batch", type=int, default=4, help="--setups: samples per padded micro-batch (default 4; "
+                                                               "packed rows hold max-length tokens)")
+    p.add_argument("--seq-min", type=int, help="--setups without --data: sample lengths uniform in "
+                                                "[seq-min, seq] (default: all --seq)")
+    p.add_argument("--steps", type=int, default=3, help="--setups: timed steps per set-up and variant (default 3)")
     p.add_argument("--memory-pass", type=Path, help=argparse.SUPPRESS)   # internal: CPU memory pass output
     p.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/train_<device tag>.csv)")
     return p
@@ -274,6 +287,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = harness.start(args)
+    if args.setups:
+        return main_setups(args, argv, device)
     if args.memory_pass is not None:
         return harness.memory_pass(args.memory_pass, lambda: [
             row for spec in args.models for row in bench_model(spec, args, device, {}, memory_pass=True)])
@@ -288,6 +303,26 @@ def main(argv=None) -> int:
                         {v: peaks[f"{model}|{v}"] for v in args.variants})
     out = args.out or harness.RESULTS_DIR / f"train_{harness.device_tag(device)}.csv"
     harness.save_rows(out, rows, FIELDS, summary(rows))
+    return 0
+
+
+def main_setups(args, argv: list, device: torch.device) -> int:
+    """--setups: rows per (model, set-up, variant) into setups_<tag>.csv and a PNG beside it."""
+    if args.memory_pass is not None:
+        return harness.memory_pass(args.memory_pass, lambda: [
+            row for spec in args.models
+            for row in train_setups.bench(spec, args, device, {}, build_model, memory_pass=True)])
+    env = harness.environment(device, "benchmarks/bench_train.py", argv)
+    rows = []
+    for spec in args.models:
+        rows += train_setups.bench(spec, args, device, env, build_model)
+    if device.type == "cpu":
+        peaks = {r["key"]: r["peak_mem_bytes"] for r in harness.memory_pass_subprocess(Path(__file__), argv)}
+        for r in rows:
+            r["peak_mem_bytes"] = peaks[f"{r['model']}|{r['setup']}|{r['variant']}"]
+    out = args.out or harness.RESULTS_DIR / f"setups_{harness.device_tag(device)}.csv"
+    harness.save_rows(out, rows, train_setups.FIELDS, train_setups.summary(rows))
+    train_setups.plot(rows, Path(out).with_suffix(".png"))
     return 0
 
 

@@ -3,11 +3,15 @@
 #   1. the GPU tests (benchmarks/gpu_tests.py): the kernels on CUDA with compiled Triton (the
 #      interpreter is off) and the trainer's CUDA path (FSDP2 on nccl, bf16, resume); then the API
 #      error tests (tests/test_penalty_errors.py);
-#   2. bench_penalty.py at GPU sizes; 3. bench_train.py on random-init Llama-3 shapes (bf16);
+#   2. bench_penalty.py at GPU sizes; 3. bench_train.py on random-init Llama-3 shapes (bf16), then
+#      bench_train.py --setups: padded vs packed vs chunked CE vs compiled layers vs all three, each
+#      with ProCon off and on, at a Llama-3-8B shape (4 layers, bf16, samples of 256-2048 tokens):
+#      real tokens/s, padding fraction, peak memory, MFU (real tokens, attention per sample);
 #   4. bench_load_gpu.py: a Llama-3-8B-shaped model at full depth loaded through the sharded path;
 #   5. figures and README_perf.md (report.py); a short summary is printed last.
-# Output, in $OUT (default benchmarks/results/): penalty_<card>.csv, train_<card>.csv, their two
-# PNGs, load8b_<card>.csv, README_perf.md and gpu_check.log: seven files. Installs and downloads nothing (needs torch,
+# Output, in $OUT (default benchmarks/results/): penalty_<card>.csv, train_<card>.csv,
+# setups_<card>.csv, their three PNGs, load8b_<card>.csv, README_perf.md and gpu_check.log: nine
+# files. Installs and downloads nothing (needs torch,
 # triton, transformers, tqdm; pytest for the tests, matplotlib for the figures) and needs no
 # model weights. Each stage has a time limit; together they stay under 13 minutes on one H100.
 #     bash benchmarks/gpu_check.sh             # or: OUT=/some/dir PYTHON=python3 bash benchmarks/gpu_check.sh
@@ -77,10 +81,14 @@ if [ "$SMOKE" = 1 ]; then
   PENALTY_ARGS=(--preset smoke --time-budget-s 60)
   TRAIN_ARGS=(--models tiny --batch 2 --seq 32 --warmup 1 --rounds 2)
   LOAD_ARGS=(--toy); LOAD_LIMIT=120
+  # no "compiled"/"all" here: inductor's C++ build on a CPU would take minutes
+  SETUPS_ARGS=(--setups padded packed chunked --models tiny --batch 4 --micro-batch 2 --seq 32 --seq-min 8 --steps 1)
 else
   PENALTY_ARGS=(--preset gpu --time-budget-s 80)        # shapes not started by 80 s are skipped
   TRAIN_ARGS=(--models llama3-8b:4 llama3.2-1b --dtype bf16 --batch 4 --seq 2048)
   LOAD_ARGS=(); LOAD_LIMIT=300
+  SETUPS_ARGS=(--setups padded packed chunked compiled all --models llama3-8b:4 --dtype bf16 --batch 8
+               --micro-batch 4 --seq 2048 --seq-min 256 --steps 3)
 fi
 
 if echo "$ENV_REPORT" | grep -q '^missing:.*pytest'; then
@@ -98,6 +106,8 @@ stage bench_train 100 "$PY" "$REPO/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}"
 # a Llama-3-8B-shaped random model at full depth (16 GB of bf16 safetensors, written to scratch on the
 # device machine's disk and removed after) loaded through the sharded path: peak GPU memory vs the bf16 size
 stage load_8b "$LOAD_LIMIT" "$PY" "$REPO/benchmarks/bench_load_gpu.py" "${LOAD_ARGS[@]}" --out "$OUT/load8b_$TAG.csv"
+stage "bench_train setups" 240 "$PY" "$REPO/benchmarks/bench_train.py" "${SETUPS_ARGS[@]}" \
+  --out "$OUT/setups_$TAG.csv"
 stage report 25 "$PY" "$REPO/benchmarks/report.py" --results "$OUT"
 
 {

@@ -29,7 +29,10 @@ from fastprocon.steering import on_layer_inputs
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where checkpoint recomputation happens)."""
+    """True while autograd runs a backward pass (where checkpoint recomputation happens).
+    Code traced by torch.compile is the forward (its backward is a compiled graph): False."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -56,19 +59,24 @@ class ProConHooks:
             raise ValueError(f"layer_ids {layer_ids} must be distinct indices in 0..{n_layers - 1} "
                              f"(the model has {n_layers} decoder layers)")
         self.model, self.layer_ids = model, layer_ids
-        self._row = {l: row for row, l in enumerate(layer_ids)}
+        # rows as [1] index tensors (index_select: no host sync): under torch.compile one graph serves
+        # every layer (a Python int would be guarded on, one graph per layer)
+        self._row_keys = [torch.tensor([row], device=directions.device) for row in range(len(layer_ids))]
+        self._run_order = sorted(range(len(layer_ids)), key=lambda row: layer_ids[row])   # rows, in layer order
         self.directions = directions
         self.norm, self.delta, self.backend = norm, delta, backend
         self._weight: Tensor | None = None
         self._z0: Tensor | None = None
         self._scale: Tensor | None = None
-        self._penalties: list[Tensor] = []
-        self._recorded: list[Tensor | None] | None = None
+        # summed in the hook (a list append would be guarded on its length under torch.compile)
+        self._penalty_none = torch.zeros((), device=directions.device)
+        self._penalty_total = self._penalty_none
+        self._recorded: list[Tensor] | None = None
 
     @contextmanager
     def installed(self) -> Iterator["ProConHooks"]:
         """Hooks on the constrained layers for the duration of the block (removed on exit)."""
-        with on_layer_inputs(self.model, self._on_layer_input, self.layer_ids):
+        with on_layer_inputs(self.model, self._on_layer_input, self.layer_ids, keys=self._row_keys):
             yield self
 
     # -- per-batch inputs ------------------------------------------------------------------------
@@ -95,10 +103,10 @@ class ProConHooks:
     def take_penalty(self) -> Tensor | None:
         """Sum of the penalties (scale included) logged since the last call, as a 0-d tensor
         (no host sync); None when none ran."""
-        if not self._penalties:
+        total = self._penalty_total
+        if total is self._penalty_none:      # no hook added to it
             return None
-        total = torch.stack(self._penalties).sum()
-        self._penalties.clear()
+        self._penalty_total = self._penalty_none
         return total
 
     @contextmanager
@@ -107,28 +115,31 @@ class ProConHooks:
         constraining; yields a list filled with [B, T] fp32 tensors (see :func:`stack_recorded`)."""
         if self.armed:
             raise RuntimeError("cannot record projections while the hooks are armed")
-        self._recorded = [None] * len(self.layer_ids)
+        self._recorded = []      # filled in the order the layers run
+        result: list[Tensor | None] = [None] * len(self.layer_ids)
         try:
-            yield self._recorded
+            yield result
         finally:
+            for row, z in zip(self._run_order, self._recorded):
+                result[row] = z
             self._recorded = None
 
     # -- the hook --------------------------------------------------------------------------------
 
-    def _on_layer_input(self, layer: int, hidden: Tensor) -> Tensor | None:
+    def _on_layer_input(self, row: Tensor, hidden: Tensor) -> Tensor | None:
         if self._weight is None and self._recorded is None:
             return None
-        row = self._row[layer]
+        direction = self.directions.index_select(0, row)[0]
         if self._recorded is not None:
-            _, z = procon_penalty(hidden.detach(), self.directions[row], norm=self.norm, delta=self.delta,
+            _, z = procon_penalty(hidden.detach(), direction, norm=self.norm, delta=self.delta,
                                   backend=self.backend, return_projection=True, validate=False)
-            self._recorded[row] = z
+            self._recorded.append(z)
             return None
         hidden, penalty = anchor_projection(
-            hidden, self.directions[row], self._z0[row], self._weight, norm=self.norm, delta=self.delta,
+            hidden, direction, self._z0.index_select(0, row)[0], self._weight, norm=self.norm, delta=self.delta,
             scale=self._scale, backend=self.backend, validate=False)
         if not _in_backward():   # else a checkpoint recomputation: already logged in the forward
-            self._penalties.append(penalty)
+            self._penalty_total = self._penalty_total + penalty
         return hidden
 
 

@@ -26,10 +26,13 @@ LayerInputFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
 @contextmanager
-def on_layer_inputs(model: torch.nn.Module, fn: LayerInputFn, layers: Iterable[int] | None = None) -> Iterator[None]:
+def on_layer_inputs(model: torch.nn.Module, fn: LayerInputFn, layers: Iterable[int] | None = None,
+                    keys: list | None = None) -> Iterator[None]:
     """Call ``fn(l, x)`` on the input ``x`` [B, T, D] of each decoder layer ``l`` in ``layers``.
 
     ``layers`` None means all of them. When ``fn`` returns a tensor, the layer gets it instead.
+    ``keys``: what ``fn`` gets instead of ``l``, one per chosen layer (e.g. 0-d tensors: a
+    torch.compile'd layer then traces one graph for all layers, not one per Python int).
     """
     blocks = decoder_layers(model)
     chosen = range(len(blocks)) if layers is None else [int(l) for l in layers]
@@ -38,11 +41,11 @@ def on_layer_inputs(model: torch.nn.Module, fn: LayerInputFn, layers: Iterable[i
             raise ValueError(f"layer {l} out of range: the model has {len(blocks)} decoder layers "
                              f"(0..{len(blocks) - 1})")
 
-    def make_hook(l: int):
+    def make_hook(key):
         def hook(module, args, kwargs):
             # transformers passes hidden_states positionally; accept the keyword form too
             x = args[0] if args else kwargs["hidden_states"]
-            out = fn(l, x)
+            out = fn(key, x)
             if out is None:
                 return None
             if args:
@@ -50,7 +53,10 @@ def on_layer_inputs(model: torch.nn.Module, fn: LayerInputFn, layers: Iterable[i
             return args, {**kwargs, "hidden_states": out}
         return hook
 
-    handles = [blocks[l].register_forward_pre_hook(make_hook(l), with_kwargs=True) for l in chosen]
+    # on a torch.compile'd layer, inside the compiled region (the wrapped module's own hooks)
+    keys = list(chosen) if keys is None else list(keys)
+    handles = [getattr(blocks[l], "_orig_mod", blocks[l]).register_forward_pre_hook(make_hook(key), with_kwargs=True)
+               for l, key in zip(chosen, keys)]
     try:
         yield
     finally:

@@ -58,7 +58,8 @@ def test_cli_run_leaves_a_complete_run_directory(base_run, capsys):
     for r in records:
         assert r["alpha"] == 0.2 and r["procon"] >= 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
         assert r["lr"] > 0 and r["peak_rss_gib"] > 0 and r["mfu"] is None
-    assert records[-1]["ce"] < records[0]["ce"] - 0.2, [r["ce"] for r in records]   # loss decreases
+    # loss decreases (packed by default: l1's sign noise at z = z0 makes the path bumpy, see test_packing.py)
+    assert min(r["ce"] for r in records[1:]) < records[0]["ce"] - 0.2, [r["ce"] for r in records]
     ckpts = base_run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000008"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000004", "step_000008"]
@@ -108,11 +109,11 @@ def test_warmup_switches_the_penalty_off(base_run, tmp_path, monkeypatch, capsys
     original = hooks_module.anchor_projection
     monkeypatch.setattr(hooks_module, "anchor_projection", lambda *a, **k: calls.append(1) or original(*a, **k))
     run(tmp_path, "max_steps=4", "schedule=warmup", "alpha=1.0", "alpha_warmup_steps=2", "reduction=token",
-        "tensorboard=true", assets=base_run)
+        "tensorboard=true", "tokens_per_micro_batch=512", assets=base_run)   # 2 packed rows a step
     records = read_metrics(tmp_path)
     assert [r["alpha"] for r in records] == [1.0, 1.0, 0.0, 0.0]
     assert [r["procon"] is None for r in records] == [False, False, True, True]
-    assert len(calls) == 2 * 2 * 3   # 2 warm-up steps x 2 micro-batches x 3 layers, none afterwards
+    assert len(calls) == 2 * 2 * 3   # 2 warm-up steps x 2 rows x 3 layers, none afterwards
     if importlib.util.find_spec("tensorboard") is None:   # optional: a note, and the run goes on
         assert "tensorboard is not installed" in capsys.readouterr().out
     else:

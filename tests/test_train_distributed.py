@@ -62,7 +62,8 @@ def test_two_process_fsdp2_run_through_the_cli(two_proc_run):
 
     records = read_metrics(two_proc_run)
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert records[-1]["ce"] < records[0]["ce"] - 0.2, [r["ce"] for r in records]
+    # packed by default: l1's sign noise at z = z0 makes the path bumpy (see tests/test_train.py)
+    assert min(r["ce"] for r in records[1:]) < records[0]["ce"] - 0.2, [r["ce"] for r in records]
     ckpt = two_proc_run / "checkpoints" / "step_000008"
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -106,13 +107,17 @@ GRAD_OVERRIDES = ["schedule=constant", "alpha=1.0", "norm=l2sq", "micro_batch_si
                   "export=false", "resume=never"]
 
 
-def gradient_worker(out: str, run_dir: str, assets: str) -> None:
+PACKING = {"packed": ["packing=on", "tokens_per_micro_batch=200"], "padded": ["packing=off"]}
+
+
+def gradient_worker(out: str, run_dir: str, assets: str, packing: str) -> None:
     """One optimizer step, then the gradients of the second step (full tensors) -> ``out``."""
     from fastprocon.train import Trainer, load_config
     from fastprocon.train import distributed as D
 
     cfg = load_config("tiny", [f"run_dir={run_dir}", f"procon.directions={assets}/directions.safetensors",
-                               f"procon.reference_cache={assets}/reference.safetensors", *GRAD_OVERRIDES])
+                               f"procon.reference_cache={assets}/reference.safetensors", *GRAD_OVERRIDES,
+                               *PACKING[packing]])
     ctx = D.init_distributed("cpu")
     try:
         trainer = Trainer(cfg, ctx)
@@ -124,17 +129,22 @@ def gradient_worker(out: str, run_dir: str, assets: str) -> None:
                  for n, p in trainer.model.named_parameters()}
         sums = D.all_reduce_sum(trainer._acc.clone())
         if ctx.is_main:
-            torch.save({"grads": grads, "sums": sums, "accum": trainer.batches.grad_accum}, out)
+            torch.save({"grads": grads, "sums": sums, "accum": len(trainer.batches.micro_batches(1)),
+                        "rows": len(trainer.batches.rows(1))}, out)
         del trainer                   # before the group goes (see D.shutdown)
     finally:
         D.shutdown(ctx)
 
 
-def test_gradients_do_not_depend_on_process_count_or_micro_batches(two_proc_run, tmp_path):
-    gradient_worker(str(tmp_path / "one.pt"), str(tmp_path / "one"), str(two_proc_run))
-    torchrun(__file__, tmp_path / "two.pt", tmp_path / "two", two_proc_run)
+@pytest.mark.parametrize("packing", ["packed", "padded"])
+def test_gradients_do_not_depend_on_process_count_or_micro_batches(two_proc_run, tmp_path, packing):
+    gradient_worker(str(tmp_path / "one.pt"), str(tmp_path / "one"), str(two_proc_run), packing)
+    torchrun(__file__, tmp_path / "two.pt", tmp_path / "two", two_proc_run, packing)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert (one["accum"], two["accum"]) == (2, 1)
+    if packing == "padded":
+        assert (one["accum"], two["accum"]) == (2, 1)
+    else:   # the same rows, split over the processes (an empty row where their count is odd)
+        assert one["rows"] == two["rows"] >= 3 and (one["accum"], two["accum"]) == (one["rows"], -(-one["rows"] // 2))
     torch.testing.assert_close(one["sums"], two["sums"], rtol=1e-5, atol=0)   # CE sum, ProCon sum
     assert one["sums"][1] > 0
     assert one["grads"].keys() == two["grads"].keys()
@@ -144,4 +154,4 @@ def test_gradients_do_not_depend_on_process_count_or_micro_batches(two_proc_run,
 
 
 if __name__ == "__main__":
-    gradient_worker(*sys.argv[1:4])
+    gradient_worker(*sys.argv[1:5])

@@ -26,6 +26,8 @@ class ModelConfig:
     device: str = "auto"                   # "auto" (cuda when available), "cpu", "cuda"
     mixed_precision: str = "auto"          # "auto" (bf16 on cuda, fp32 on cpu), "bf16", "fp32"
     activation_checkpointing: bool = False
+    compile: str = "auto"                  # torch.compile each decoder layer: "auto" (on CUDA), "on", "off"
+    chunked_ce: bool = True                # CE through the output layer in row chunks, never the full logits
     lora: bool = False                     # LoRA on q/k/v/o instead of full fine-tuning
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -40,6 +42,7 @@ class DataConfig:
     max_length: int = 256                  # tokens; longer examples are cut on the right
     skip_bad_rows: bool = False
     drop_overlong_prompts: bool = False    # drop examples whose prompt alone fills max_length (else an error)
+    packing: str = "auto"                  # whole samples packed into rows: "auto" (where exact), "on", "off"
 
 
 @dataclass
@@ -83,7 +86,9 @@ class TrainConfig:
     max_steps: int = 0                     # optimizer steps; 0 = from epochs
     epochs: float = 1.0
     batch_size: int = 8                    # samples per optimizer step, over all processes
-    micro_batch_size: int = 4              # samples per forward pass on one process
+    micro_batch_size: int = 4              # samples per forward pass on one process (padded batches)
+    tokens_per_micro_batch: int = 0        # tokens per packed row (forward pass); 0 = max_length (flash-attn:
+                                           # micro_batch_size x max_length)
     log_every: int = 10                    # steps between metric lines (and host syncs)
     tensorboard: bool = False
     safety_probe_every: int = 0            # live safety probe (train/probe.py) at step 0, every K steps, the last; 0 = off
@@ -121,6 +126,8 @@ SECTIONS = [f.name for f in dataclasses.fields(Config)]
 CHOICES = {
     "model.device": ("auto", "cpu", "cuda"),
     "model.mixed_precision": ("auto", "bf16", "fp32"),
+    "model.compile": ("auto", "on", "off"),
+    "data.packing": ("auto", "on", "off"),
     "procon.schedule": ("constant", "warmup", "off"),
     "procon.norm": ("l1", "l2sq", "huber"),
     "procon.reduction": ("sample", "token"),
@@ -308,6 +315,7 @@ def validate(cfg: Config) -> None:
     need(finite(t.epochs) and (t.epochs > 0 or t.max_steps > 0), "train.epochs", "> 0 when max_steps = 0")
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1")
+    need(t.tokens_per_micro_batch >= 0, "train.tokens_per_micro_batch", ">= 0 (0 = the default row size)")
     need(t.batch_size % t.micro_batch_size == 0, "train.batch_size",
          f"a multiple of micro_batch_size ({t.micro_batch_size})")
     need(t.log_every >= 1, "train.log_every", ">= 1")

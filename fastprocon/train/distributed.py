@@ -145,6 +145,25 @@ def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
         layers[i] = checkpoint_wrapper(layers[i])
 
 
+def compile_decoder_layers(layers: nn.ModuleList, *, backend: str = "inductor") -> None:
+    """``torch.compile(fullgraph=True)`` each decoder layer, in place (torchtitan's way): apply
+    after activation checkpointing and before :func:`shard_model`, so FSDP's hooks stay outside
+    the compiled regions. Hooks installed afterwards on ``layer._orig_mod`` (steering.on_layer_inputs
+    puts them there), the ProCon hooks among them, are compiled too (fullgraph), as a graph of
+    their own that runs before the layer's: torch.compile runs a module's hooks ahead of the
+    frame it captures. (``torch._dynamo.config.wrap_top_frame`` would put them in the layer's
+    graph, but under FSDP2 their side effects, the logged penalty, were then lost: torch 2.13.)
+    State-dict keys are unchanged for DCP (``torch.distributed.checkpoint.state_dict`` strips
+    ``_orig_mod``)."""
+    for i in range(len(layers)):
+        layers[i] = torch.compile(layers[i], backend=backend, fullgraph=True)
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """config model.compile: "auto" compiles on CUDA only (on CPU it did not pay, see the README)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def mixed_precision_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """Compute dtype for FSDP's MixedPrecisionPolicy: bf16 ("auto" on CUDA, or asked), else None (fp32)."""
     if setting == "bf16" or (setting == "auto" and device.type == "cuda"):

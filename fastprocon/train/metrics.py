@@ -42,10 +42,29 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
-    """Training FLOPs per token: 6 N for the weight matmuls (forward + backward) plus
-    12 L D T for attention scores and values (torchtitan / PaLM appendix B)."""
-    return 6 * n_params + 12 * n_layers * hidden * seq_len
+def matmul_params(model: nn.Module) -> int:
+    """Parameters that take part in matmuls: all but an untied input embedding (a lookup)."""
+    total = count_params(model)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
+    return total if tied else total - emb.numel()
+
+
+def attention_width(config) -> int:
+    """heads x head dim of the attention (torchtitan's h * q); the hidden size for most models."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads * head_dim
+
+
+def training_flops(n_matmul_params: int, n_layers: int, attn_width: int, lengths) -> float:
+    """Training FLOPs (forward + backward) of a batch of samples of ``lengths`` real tokens,
+    torchtitan's count (PaLM appendix B): 6 N per token for the weight matmuls plus, per token,
+    12 L (h q) t for the attention scores and values over the t tokens of its own sample
+    (padding and other packed samples excluded; no causal halving, as torchtitan)."""
+    lengths = list(lengths)
+    return 6 * n_matmul_params * sum(lengths) + 12 * n_layers * attn_width * sum(t * t for t in lengths)
 
 
 def peak_flops(device: torch.device) -> float | None:

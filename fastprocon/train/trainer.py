@@ -1,9 +1,10 @@
 """The training loop: FSDP2, ProCon at the decoder-layer inputs, checkpoints, metrics, export.
 
 One optimizer step (see :meth:`Trainer.accumulate_gradients` and :meth:`Trainer.step`):
-for each of this rank's micro-batches, arm the ProCon hooks (when alpha > 0) with the
-response mask, z0 and scale = alpha * world / divisor, run the model, CE sum * world / global
-prediction count, backward; then clip, AdamW, LR schedule. The global counts are computed on
+for each of this rank's micro-batches (packed rows or padded batches, train/batches.py), arm the
+ProCon hooks (when alpha > 0) with the response mask, z0 and scale = alpha * world / divisor,
+run the model (its output layer returning the CE sum, train/chunked_ce.py), CE sum * world /
+global prediction count, backward; then clip, AdamW, LR schedule. The global counts are computed on
 the host from the step's sample indices (every rank knows the whole batch plan), so a step
 has no collective besides FSDP's own and no host sync; values reach the host only at logging
 intervals and checkpoints, where non-finite losses or gradient norms stop the run.
@@ -24,19 +25,21 @@ from fastprocon.checksums import tree_sha256
 from fastprocon.data import IGNORE_INDEX
 from fastprocon.directions import directions_hash
 from fastprocon.hooks import ProConHooks, stack_recorded
-from fastprocon.models import decoder_layers, hidden_size, load_model, num_layers
+from fastprocon.models import hidden_size, load_model, num_layers, unwrap_model
 from fastprocon.penalty import resolve_backend
 from fastprocon.io import atomic_path, write_json
 from fastprocon.train import distributed as D
 from fastprocon.train.batches import StepBatches
+from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
 from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
 from fastprocon.train.dashboard import draw_dashboard
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.export import clean_export_staging, export_model
-from fastprocon.train.loss import ce_sum, procon_scale, shift_labels
-from fastprocon.train.metrics import (MetricsLog, count_params, flops_per_token, peak_flops, peak_memory_gib,
-                                      read_metrics, reset_peak_memory)
-from fastprocon.train.prepare import load_training_data, prepare_procon, run_dir_of, wrap_for_training
+from fastprocon.train.loss import ce_sum, procon_scale
+from fastprocon.train.metrics import (MetricsLog, attention_width, count_params, matmul_params, peak_flops,
+                                      peak_memory_gib, read_metrics, reset_peak_memory, training_flops)
+from fastprocon.train.packing import model_inputs, pack_like, use_packing
+from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
 from fastprocon.train.schedule import AlphaSchedule, WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
@@ -44,9 +47,10 @@ from fastprocon.train.signals import StopRequest
 _NO_BAD_STEP = 2**62
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA)."""
-    if device.type != "cuda":
+def to_device(t, device: torch.device):
+    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA);
+    anything else (an int argument) as it is."""
+    if device.type != "cuda" or not isinstance(t, torch.Tensor):
         return t
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -93,9 +97,19 @@ class Trainer:
         self.say(f"model {loaded.name}: {num_layers(loaded.model)} layers, hidden {hidden_size(loaded.model)}; "
                  f"data: {len(self.data.examples)} examples ({self.data.n_primary} from {cfg.data.train}"
                  f" + {self.data.n_safety} safety), {self.data.n_truncated} cut at {cfg.data.max_length} tokens")
+        with initial_model(loaded.model):    # every process runs the same probe forwards (FSDP collectives)
+            packing, note = use_packing(cfg.data.packing, loaded.model)
+        if note:
+            self.say(note)
+        self.varlen_kwargs = getattr(loaded.model.config, "_attn_implementation", None) == "flash_attention_2"
+        # default rows: micro_batch_size x max_length with flash-attn's varlen kernel; max_length on
+        # sdpa/eager, which compute a packed row's attention densely (T^2 per row, masked)
+        default_row = cfg.data.max_length * (cfg.train.micro_batch_size if self.varlen_kwargs else 1)
+        tokens_per_row = (cfg.train.tokens_per_micro_batch or default_row) if packing else None
         self.batches = StepBatches(self.data.examples, batch_size=cfg.train.batch_size,
                                    micro_batch_size=cfg.train.micro_batch_size, world_size=ctx.world_size,
-                                   rank=ctx.rank, seed=cfg.train.seed, pad_id=loaded.tokenizer.pad_token_id)
+                                   rank=ctx.rank, seed=cfg.train.seed, pad_id=loaded.tokenizer.pad_token_id,
+                                   tokens_per_row=tokens_per_row)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_checkpoints)
         self._resume_from = self._plan_resume()   # before directions are made or anything is loaded
         spe = self.batches.steps_per_epoch
@@ -108,7 +122,10 @@ class Trainer:
             D.on_main(lambda: check_same_inputs(*self._resume_from, self._inputs))
 
         model = loaded.model.train()
+        self.compiled = D.use_compile(cfg.model.compile, ctx.device)     # applied by wrap_for_training
+        flops_base = (matmul_params(model), num_layers(model), attention_width(unwrap_model(model).config))
         self.model = model
+        self.output_loss = OutputLayerLoss(model).install() if cfg.model.chunked_ce else None
         self.hooks = None
         if self.procon is not None:
             rows = self.procon.directions.directions[self.procon.layers].to(ctx.device)
@@ -130,15 +147,16 @@ class Trainer:
         if self.metrics.tensorboard_note:
             self.say(self.metrics.tensorboard_note)
         n_params = count_params(model)
-        self._flops_base = (n_params, num_layers(model), hidden_size(model))
+        self._flops_base = flops_base
         self._peak_flops = peak_flops(ctx.device)
         # per-example counts (int64 arrays, as loss.example_counts) for the host-side global normalisers
         ds = self.data.examples
         self._n_pred, self._n_resp, self._n_tok = ds.n_predicted, ds.n_response, ds.lengths
+        plan = (f"packed into rows of up to {tokens_per_row} tokens" if packing else
+                f"{ctx.world_size} x {self.batches.grad_accum} micro-batches of {cfg.train.micro_batch_size}")
         self.say(f"{n_params / 1e6:.1f}M parameters ({sum(q.numel() for q in params) / 1e6:.2f}M trained"
                  f"{', LoRA' if cfg.model.lora else ''}); {self.max_steps} steps of {cfg.train.batch_size} samples "
-                 f"({ctx.world_size} x {self.batches.grad_accum} micro-batches of {cfg.train.micro_batch_size}); "
-                 f"{self.alpha.describe()}")
+                 f"({plan}{', compiled layers' if self.compiled else ''}); {self.alpha.describe()}")
         self._reset_interval()
 
     def say(self, message: str) -> None:
@@ -160,12 +178,10 @@ class Trainer:
             scale = torch.full((), value, dtype=torch.float32, device=dev)   # a fill: no host-device copy
             self._procon_samples += len(idx)
         for mb in self.batches.micro_batches(step):
-            input_ids, attention_mask, labels = (to_device(mb[key], dev)
-                                                 for key in ("input_ids", "attention_mask", "labels"))
+            inputs = {k: to_device(v, dev) for k, v in model_inputs(mb, varlen_kwargs=self.varlen_kwargs).items()}
             if scale is not None:
-                self.hooks.arm(labels != IGNORE_INDEX, self._z0(mb, input_ids, attention_mask), scale)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            ce = ce_sum(logits, shift_labels(labels))
+                self.hooks.arm(to_device(mb["labels"] != IGNORE_INDEX, dev), self._z0(mb, inputs), scale)
+            ce = self._ce_sum(inputs, mb["targets"])
             (ce * (world / max(n_pred, 1))).backward()
             if scale is not None:
                 self.hooks.disarm()
@@ -173,17 +189,37 @@ class Trainer:
         if scale is not None:
             self._acc[1] += self.hooks.take_penalty() / scale
         self._n_pred_acc += n_pred
-        n_tok = int(self._n_tok[idx].sum())
-        self._n_tok_acc += n_tok
-        self._seq_acc += n_tok / len(idx)
+        self._n_tok_acc += int(self._n_tok[idx].sum())
+        self._flops_acc += training_flops(*self._flops_base, self._n_tok[idx].tolist()) / world
 
-    def _z0(self, mb: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[n_layers, B, T] reference projections of a micro-batch: from the cache, or from this
-        model with its LoRA adapters off (the initial model)."""
-        if self.procon.reference is not None:
-            return to_device(self.procon.reference.gather(mb["ids"], mb["labels"]), self.ctx.device)
+    def _ce_sum(self, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+        """Forward pass; the summed CE of ``targets`` [B, T] (CPU) as a 0-d fp32 tensor: through the
+        chunked output layer (the logits never exist in full), or from the full logits."""
+        dev = self.ctx.device
+        if self.output_loss is None:
+            logits = self.model(**inputs, use_cache=False).logits
+            return ce_sum(logits, to_device(targets, dev))
+        index = predicted_positions(targets)
+        self.output_loss.arm(to_device(index, dev), to_device(targets.flatten()[index], dev))
+        try:
+            return self.model(**inputs, use_cache=False).logits    # the output layer returned the CE sum
+        finally:
+            self.output_loss.disarm()
+
+    def _z0(self, mb: dict, inputs: dict) -> torch.Tensor:
+        """[n_layers, B, T] reference projections of a micro-batch (B = 1 for a packed row): from
+        the cache, or from this model with its LoRA adapters off (the initial model)."""
+        reference = self.procon.reference
+        if reference is not None:
+            if not mb["ids"]:       # an empty row (packing): no response token
+                return torch.zeros(len(self.procon.layers), *mb["input_ids"].shape, device=self.ctx.device)
+            if "pack_mask" in mb:
+                z0 = pack_like(reference.gather(mb["ids"], mb["padded_labels"]), mb["pack_mask"])
+            else:
+                z0 = reference.gather(mb["ids"], mb["labels"])
+            return to_device(z0, self.ctx.device)
         with torch.no_grad(), self.model.disable_adapter(), self.hooks.recording() as recorded:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
         return stack_recorded(recorded)
 
     def step(self, step: int) -> None:
@@ -209,7 +245,7 @@ class Trainer:
         self._norm_acc = torch.zeros((), dtype=torch.float32, device=dev)   # global grad norm, summed over steps
         self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
         self._n_pred_acc = self._n_tok_acc = self._procon_samples = self._steps_acc = 0
-        self._seq_acc = 0.0
+        self._flops_acc = 0.0       # model FLOPs of the real tokens, per process
         self._t0 = time.perf_counter()
         reset_peak_memory(dev)
 
@@ -242,8 +278,7 @@ class Trainer:
             **peak_memory_gib(self.ctx.device),
         }
         if self._peak_flops is not None:
-            flops = flops_per_token(*self._flops_base, self._seq_acc / n)
-            record["mfu"] = tokens_per_s / self.ctx.world_size * flops / self._peak_flops
+            record["mfu"] = self._flops_acc / seconds / self._peak_flops
         self.metrics.write(record)
         self._reset_interval()
         return record
