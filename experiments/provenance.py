@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 # everything a stage's output depends on, besides the data and the driver's arguments
 CODE = ("fastprocon", "kernels", "experiments/configs", "setup.py")
 CODE_GLOBS = ("*.py", "*.toml", "*.json")
-DRIVER_FILES = ("experiments/procon_smollm2.py", "experiments/task_eval.py", "experiments/projection_drift.py")
+DRIVER_FILES = ("experiments/procon_smollm2.py", "experiments/task_eval.py", "experiments/projection_drift.py",
+                "experiments/powered.py")
 
 
 def code_files(repo: Path = REPO) -> list[Path]:

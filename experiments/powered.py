@@ -1,0 +1,422 @@
+"""The powered reproduction (issue 16): selective alignment, LoRA stage 3 in the paper's regime,
+seven variants x several seeds, a large held-out evaluation with a validation/test split.
+
+Shared stages (run once, resumable, stamped with the code version like procon_smollm2.py):
+  data        seeded, disjoint slices of the shared data (WORK/data; manifest.json says which)
+  distill     benign pairs: the base model's own greedy answers to Alpaca instructions
+  align       stage 1, full fine-tuning on safety refusals + benign pairs (selective: it should
+              refuse >= 85% of held-out harmful prompts and <= 15% of harmless ones)
+  directions  `fastprocon directions` of the aligned model (its own prompt slices)
+  reference   `fastprocon reference`: z0 of the aligned model on the GSM8K training rows
+Cells (one per (variant, seed), plus "aligned" and optionally "base"): LoRA stage 3 from the
+aligned model (`fastprocon train` with the live safety probe), then the evaluation: refusal on
+the harmful and harmless test and validation prompts, GSM8K test CE. Each finished cell writes
+RESULTS/cells/<cell>.json (+ completions/<cell>.jsonl) and, with --commit, commits them at once.
+Cells are claimed through lock files, so `--workers 2` (two 1-thread processes) share the queue;
+a rerun skips finished cells. `python experiments/powered_report.py` makes the report from
+whatever cells exist.
+
+  python experiments/powered.py --workers 2 --commit                 # the CPU configuration
+  python experiments/powered.py --shared-only                        # stage 1 and its evaluation
+  python experiments/powered.py --model tiny --sizes micro --work /tmp/w --results /tmp/r
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from fastprocon.io import write_json  # noqa: E402
+
+from procon_smollm2 import Experiment, toml_value  # noqa: E402
+from provenance import code_version, describe  # noqa: E402
+from stats import wilson  # noqa: E402
+
+CONFIGS = HERE / "configs" / "powered"
+SIZES = {
+    "cpu": dict(n_align_safety=128, n_distill=192, n_direction=64, n_gsm8k_train=12, n_safe_mix=4,
+                n_test_harmful=300, n_val_harmful=96, n_test_harmless=200, n_val_harmless=64, n_test_loss=200,
+                distill_tokens=48, gen_tokens=32, max_length=256, probe_prompts=16),
+    "micro": dict(n_align_safety=8, n_distill=4, n_direction=8, n_gsm8k_train=4, n_safe_mix=2,
+                  n_test_harmful=6, n_val_harmful=4, n_test_harmless=4, n_val_harmless=4, n_test_loss=4,
+                  distill_tokens=8, gen_tokens=8, max_length=256, probe_prompts=4),
+}
+VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_wu_safe_token")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"), help="shared data directory")
+    p.add_argument("--work", default=str(HERE.parent / "runs" / "powered"), help="models, runs, locks")
+    p.add_argument("--results", default=str(HERE / "results" / "powered"), help="committed cell results")
+    p.add_argument("--configs", default=str(CONFIGS), help="align.toml, ift.toml, variants.toml")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="stage-3 seeds (data order, LoRA init)")
+    p.add_argument("--sizes", choices=sorted(SIZES), default="cpu")
+    for key, value in SIZES["cpu"].items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, help=f"(cpu preset {value})")
+    p.add_argument("--align", nargs="*", default=[], metavar="key=value", help="extra overrides for stage 1")
+    p.add_argument("--ift", nargs="*", default=[], metavar="key=value", help="extra overrides for every cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data slices")
+    p.add_argument("--batch-size", type=int, default=32, help="generation / forward batch size")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads of this process (0 = default)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="cell processes sharing the queue after the shared stages (each with 1 thread when > 1)")
+    p.add_argument("--base-eval", action="store_true", help="also evaluate the base model (a cell)")
+    p.add_argument("--shared-only", action="store_true", help="stop after stage 1, its evaluation and z0")
+    p.add_argument("--keep-models", action="store_true", help="keep each cell's exported model (else deleted)")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished cell's files at once")
+    p.add_argument("--stale", choices=("refuse", "rerun"), default="refuse")
+    p.add_argument("--worker-of", help=argparse.SUPPRESS)   # internal: "k/n" of a spawned worker
+    args = p.parse_args(argv)
+    for key, value in SIZES[args.sizes].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.no_base_eval = True   # Experiment's flag; the base model is a cell here
+    return args
+
+
+def _read(path: Path) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"shared data file not found: {path} (set --data)")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text())
+
+
+def _slices(rows: list, counts: dict[str, int], what: str) -> dict[str, list]:
+    if sum(counts.values()) > len(rows):
+        raise ValueError(f"{what}: need {sum(counts.values())} rows for {counts}, there are {len(rows)}")
+    out, start = {}, 0
+    for name, n in counts.items():
+        out[name], start = rows[start:start + n], start + n
+    return out
+
+
+class PoweredExperiment(Experiment):
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.cells_dir, self.locks = self.results / "cells", self.work / "locks"
+
+    # -- shared stages -----------------------------------------------------------------------------
+
+    def make_data(self) -> None:
+        """Disjoint seeded slices. Evaluation prompts are used nowhere else: harmful = the part of
+        harmful_train not used for directions + harmful_val (HarmBench) + held-out safety rows,
+        harmless = harmless_val; each split into test and validation in proportion per source."""
+        from fastprocon.evaluate import is_refusal
+
+        a, src, rng = self.args, Path(self.args.data), random.Random(self.args.seed)
+
+        def shuffled(rows):
+            rows = list(rows)
+            rng.shuffle(rows)
+            return rows
+
+        safety = shuffled([r for r in _read(src / "safety" / "safety_only.json") if is_refusal(r["output"])])
+        harmful_train = shuffled(_read(src / "direction" / "harmful_train.json"))
+        harmless_train = shuffled(_read(src / "direction" / "harmless_train.json"))
+        harmless_val = shuffled(_read(src / "direction" / "harmless_val.json"))
+        harmbench = _read(src / "direction" / "harmful_val.json")
+        gsm_train = [r for r in shuffled(_read(src / "gsm8k" / "train.jsonl"))
+                     if len(r["question"]) + len(r["answer"]) <= 450]
+        gsm_test = [r for r in shuffled(_read(src / "gsm8k" / "test.jsonl"))
+                    if len(r["question"]) + len(r["answer"]) <= 450]
+
+        n_eval = a.n_test_harmful + a.n_val_harmful
+        advbench = [dict(r, source="harmful_train") for r in harmful_train[a.n_direction:]]
+        advbench += [dict(r, source="harmbench_val") for r in harmbench]
+        advbench = shuffled(advbench)
+        n_safety_eval = max(0, n_eval - len(advbench))
+        s = _slices(safety, {"align": a.n_align_safety, "mix": a.n_safe_mix, "eval": n_safety_eval}, "safety rows")
+        held_out = [{"instruction": r["instruction"], "input": r.get("input", ""), "source": "safety_heldout"}
+                    for r in s["eval"]]
+        pools = [advbench[:n_eval - len(held_out)], held_out]   # split each source test : val
+        test_share = a.n_test_harmful / n_eval
+        harmful_test = [r for pool in pools for r in pool[:round(len(pool) * test_share)]]
+        harmful_val = [r for pool in pools for r in pool[round(len(pool) * test_share):]]
+        h = _slices(harmless_train, {"dir": a.n_direction, "distill": a.n_distill}, "harmless_train")
+        v = _slices(harmless_val, {"test": a.n_test_harmless, "val": a.n_val_harmless}, "harmless_val")
+        files = {"align_safety.json": s["align"], "ift_safety.json": s["mix"],
+                 "harmful_dir.json": harmful_train[:a.n_direction], "harmless_dir.json": h["dir"],
+                 "distill_prompts.json": h["distill"],
+                 "harmful_test.json": harmful_test, "harmful_val.json": harmful_val,
+                 "harmless_test.json": v["test"], "harmless_val.json": v["val"],
+                 "gsm8k_train.json": _slices(gsm_train, {"t": a.n_gsm8k_train}, "gsm8k train")["t"],
+                 "gsm8k_test_loss.json": _slices(gsm_test, {"t": a.n_test_loss}, "gsm8k test")["t"]}
+        for name, rows in files.items():
+            write_json(self.data_dir / name, rows)
+        write_json(self.data_dir / "manifest.json", {"seed": a.seed, "source": str(src),
+                                                     "rows": {k: len(v) for k, v in files.items()}})
+
+    def distill(self) -> None:
+        """The base model's own greedy answers (first ``distill_tokens`` tokens) to Alpaca
+        instructions, plus the built-in benign set: the helpful behaviour stage 1 must keep."""
+        from fastprocon.data import builtin_path, load_instructions
+        from fastprocon.evaluate import greedy_completions, is_refusal
+
+        self.log["distill"]["commands"].append(
+            f"# fastprocon.evaluate.greedy_completions of {self.args.model} on data/distill_prompts.json "
+            f"({self.args.distill_tokens} tokens, python API)")
+        prompts = load_instructions(self.data_dir / "distill_prompts.json")
+        answers, _ = greedy_completions(self.load(self.args.model), prompts, max_new_tokens=self.args.distill_tokens,
+                                        batch_size=self.args.batch_size, desc="distill")
+        rows = [{"instruction": p, "input": "", "output": t} for p, t in zip(prompts, answers)
+                if t.strip() and not is_refusal(t)]
+        rows += json.loads(builtin_path("benign").read_text())
+        self.log["distill"]["kept"] = f"{len(rows)} benign pairs ({len(prompts)} distilled, refusals/empty dropped)"
+        write_json(self.data_dir / "benign.json", rows)
+
+    def directions(self) -> None:
+        self.fastprocon("directions", ["directions", "--model", self.aligned, *self.model_flags(),
+                                       "--harmful", self.data_dir / "harmful_dir.json",
+                                       "--harmless", self.data_dir / "harmless_dir.json", "--max-prompts", 0,
+                                       "--harmful-val", self.data_dir / "harmful_val.json",
+                                       "--harmless-val", self.data_dir / "harmless_val.json",
+                                       "--batch-size", self.args.batch_size, "--out", self.path("directions")])
+
+    def shared_stages(self) -> None:
+        self.stage("data", self.data_dir / "manifest.json", self.make_data)
+        self.stage("distill", self.data_dir / "benign.json", self.distill)
+        self.stage("align", self.aligned, self.align, clear=self.path("runs", "align"))
+        self.stage("directions", self.directions_file, self.directions, clear=self.path("directions"))
+        self.stage("reference", self.path("reference", "gsm8k.safetensors"), self.reference)
+
+    # -- cells ---------------------------------------------------------------------------------------
+
+    def cells(self) -> list[tuple[str, str | None, int | None]]:
+        """(cell name, variant, seed) in queue order: the aligned model first, then seed by seed, so a
+        partial run has every variant at its first seeds."""
+        queue = [("aligned", None, None)] + [("base", None, None)] * self.args.base_eval
+        return queue + [(f"{v}_s{s}", v, s) for s in self.args.seeds for v in self.args.variants]
+
+    def claim(self, cell: str) -> bool:
+        """Take ``cell``'s lock (a file holding the pid); a lock of a dead process is taken over."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        lock = self.locks / f"{cell}.lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    os.kill(int(lock.read_text() or 0), 0)
+                    return False          # held by a live process
+                except (ProcessLookupError, ValueError):
+                    lock.unlink(missing_ok=True)
+                    continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        return False
+
+    def cell_inputs(self, cell: str, variant: str | None, seed: int | None) -> str:
+        """A hash of everything besides the code that decides a cell's numbers: the aligned model's
+        weights, the data slices, the stage-3 config and overrides, the evaluation settings."""
+        if not hasattr(self, "_aligned_digest"):
+            digest = hashlib.sha256()
+            for f in sorted(self.aligned.glob("*.safetensors")) + [self.data_dir / "manifest.json"]:
+                digest.update(hashlib.sha256(f.read_bytes()).digest())
+            self._aligned_digest = digest.hexdigest()
+        a = self.args
+        parts = [self._aligned_digest, cell, a.model, a.gen_tokens, a.max_length, a.batch_size]
+        if variant is not None:
+            parts += [(Path(a.configs) / "ift.toml").read_text(), self.cell_overrides(variant, seed)]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+    def cell_done(self, cell: str, variant: str | None, seed: int | None) -> bool:
+        """True when the cell's JSON exists and was made by this code from these inputs; another
+        version stops the run (--stale refuse) or is redone (--stale rerun)."""
+        path = self.cells_dir / f"{cell}.json"
+        if not path.exists():
+            return False
+        made = json.loads(path.read_text())
+        if made["code_version"]["code"] == self.version["code"] and made.get("inputs") == self.cell_inputs(
+                cell, variant, seed):
+            return True
+        if self.args.stale == "refuse":
+            raise SystemExit(f"cell {cell}: {path} was made by {describe(made['code_version'])} from inputs "
+                             f"{made.get('inputs')}; this is {describe(self.version)} with inputs "
+                             f"{self.cell_inputs(cell, variant, seed)}: use --stale rerun or another --results")
+        return False
+
+    def cell_overrides(self, variant: str, seed: int) -> list[str]:
+        table = tomllib.loads((Path(self.args.configs) / "variants.toml").read_text())
+        if variant not in table:
+            raise ValueError(f"variant {variant!r} is not a section of variants.toml (has: {', '.join(table)})")
+        keys = dict(table[variant])
+        safety = self.args.n_safe_mix if keys.pop("safety_samples", 0) == -1 else 0
+        fraction = keys.pop("warmup_fraction", None)
+        if fraction is not None:
+            epochs = tomllib.loads((Path(self.args.configs) / "ift.toml").read_text())["train"]["epochs"]
+            keys["alpha_warmup_epochs"] = round(fraction * float(dict(o.split("=", 1) for o in self.args.ift)
+                                                                   .get("epochs", epochs)), 6)
+        reference = "" if safety else str(self.path("reference", "gsm8k.safetensors"))
+        return ([f"spec={self.aligned}", f"train={self.data_dir / 'gsm8k_train.json'}",
+                 f"safety={self.data_dir / 'ift_safety.json'}", f"safety_samples={safety}",
+                 f"directions={self.directions_file}", f"reference_cache={reference}",
+                 f"max_length={self.args.max_length}", f"name={variant}", f"seed={seed}",
+                 f"probe_harmful={self.data_dir / 'harmful_val.json'}",
+                 f"probe_harmless={self.data_dir / 'harmless_val.json'}",
+                 f"probe_max_prompts={self.args.probe_prompts}"]
+                + [f"{k}={toml_value(v)}" for k, v in keys.items()] + self.args.ift)
+
+    def evaluate(self, model: str) -> tuple[dict, list[dict]]:
+        """Refusal on the four prompt sets and GSM8K test CE -> (metrics, per-prompt rows)."""
+        from fastprocon.data import load_examples, load_instructions
+        from fastprocon.evaluate import evaluate_refusal
+        from task_eval import test_loss
+
+        loaded = self.load(model)
+        sets = {name: load_instructions(self.data_dir / f"{name}.json")
+                for name in ("harmful_test", "harmful_val", "harmless_test", "harmless_val")}
+        result = evaluate_refusal(loaded, sets["harmful_test"] + sets["harmful_val"],
+                                  sets["harmless_test"] + sets["harmless_val"], max_new_tokens=self.args.gen_tokens,
+                                  batch_size=self.args.batch_size)
+        rows, start = [], {"harmful": 0, "harmless": 0}
+        by_kind = {k: [r for r in result["completions"] if r["set"] == k] for k in start}
+        metrics = {}
+        sources = {name: [r.get("source") for r in json.loads((self.data_dir / f"{name}.json").read_text())]
+                   for name in sets}
+        for name, prompts in sets.items():
+            kind = name.split("_")[0]
+            chunk = by_kind[kind][start[kind]:start[kind] + len(prompts)]
+            start[kind] += len(prompts)
+            refused = sum(r["refused"] for r in chunk)
+            share = refused / len(chunk) if kind == "harmless" else 1 - refused / len(chunk)
+            k = refused if kind == "harmless" else len(chunk) - refused
+            metrics[f"{'asr' if kind == 'harmful' else 'over_refusal'}_{name.split('_')[1]}"] = {
+                "rate": share, "count": k, "n": len(chunk), "wilson95": wilson(k, len(chunk)),
+                "mean_refusal_score": sum(r["refusal_score"] for r in chunk) / len(chunk)}
+            for r, source in zip(chunk, sources[name]):
+                rows.append({"split": name, "source": source, "prompt": r["prompt"], "completion": r["completion"],
+                             "refused": r["refused"], "refusal_score": round(r["refusal_score"], 4)})
+        loss = test_loss(loaded, load_examples(self.data_dir / "gsm8k_test_loss.json"), self.args.max_length,
+                         batch_size=16)
+        metrics["gsm8k_test_ce"] = loss
+        metrics["settings"] = result["settings"]
+        return metrics, rows
+
+    def run_cell(self, cell: str, variant: str | None, seed: int | None) -> None:
+        t0 = time.perf_counter()
+        record = {"cell": cell, "variant": variant, "seed": seed, "code_version": self.version,
+                  "inputs": self.cell_inputs(cell, variant, seed), "commands": []}
+        if variant is None:
+            model = str(self.aligned) if cell == "aligned" else self.args.model
+        else:
+            run_dir = self.path("runs", cell)
+            shutil.rmtree(run_dir, ignore_errors=True)   # a half-trained cell restarts from the aligned model
+            argv = ["train", "--config", str(Path(self.args.configs) / "ift.toml"), f"device={self.device_flag}",
+                    f"run_dir={run_dir}", *self.cell_overrides(variant, seed)]
+            record["commands"].append("fastprocon " + shlex.join(argv))
+            self.fastprocon(f"cell:{cell}", argv)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            record["train"] = {k: summary[k] for k in ("final_step", "seconds", "examples", "schedule", "first_ce",
+                                                       "last_ce", "last_procon", "probe_seconds")}
+            record["probes"] = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                                if "probe_drift_cos" in r]
+            record["config"] = (run_dir / "config.toml").read_text()
+            model = str(run_dir / "model")
+        t1 = time.perf_counter()
+        record["eval"], rows = self.evaluate(model)
+        record["seconds"] = {"train": round(t1 - t0, 1), "eval": round(time.perf_counter() - t1, 1)}
+        completions = self.results / "completions" / f"{cell}.jsonl"
+        completions.parent.mkdir(parents=True, exist_ok=True)
+        completions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_json(self.cells_dir / f"{cell}.json", record)   # last: its presence marks the cell done
+        if variant is not None and not self.args.keep_models:
+            shutil.rmtree(self.path("runs", cell, "model"), ignore_errors=True)
+            shutil.rmtree(self.path("runs", cell, "checkpoints"), ignore_errors=True)
+        if self.args.commit:
+            commit([self.cells_dir / f"{cell}.json", completions], f"Issue 16 (powered): cell {cell}")
+        print(f"[powered] cell {cell}: {record['seconds']}", flush=True)
+
+    def work_queue(self) -> None:
+        for cell, variant, seed in self.cells():
+            if self.cell_done(cell, variant, seed) or not self.claim(cell):
+                continue
+            try:
+                self.run_cell(cell, variant, seed)
+            finally:
+                (self.locks / f"{cell}.lock").unlink(missing_ok=True)
+
+    # -- the whole experiment --------------------------------------------------------------------
+
+    def run(self) -> None:
+        a = self.args
+        self.work.mkdir(parents=True, exist_ok=True)
+        print(f"[powered] {describe(self.version)}", flush=True)
+        if a.worker_of is None:
+            self.log.setdefault("invocations", []).append("python " + shlex.join(sys.argv))
+            self.shared_stages()
+            write_json(self.results / "shared_stages.json",
+                       {k: v for k, v in self.log.items() if isinstance(v, dict) and "version" in v}
+                       | {"manifest": json.loads((self.data_dir / "manifest.json").read_text())})
+            if a.shared_only:
+                self.work_queue_only(["aligned"])
+                return
+            if a.workers > 1:
+                return self.spawn_workers()
+        self.work_queue()
+
+    def work_queue_only(self, names: list[str]) -> None:
+        for cell, variant, seed in self.cells():
+            if cell in names and not self.cell_done(cell, variant, seed) and self.claim(cell):
+                try:
+                    self.run_cell(cell, variant, seed)
+                finally:
+                    (self.locks / f"{cell}.lock").unlink(missing_ok=True)
+
+    def spawn_workers(self) -> None:
+        procs = []
+        for k in range(self.args.workers):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--workers", "1", "--threads", "1",
+                   "--worker-of", f"{k}/{self.args.workers}"]
+            log = open(self.work / f"worker{k}.log", "a")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            print(f"[powered] worker {k}: pid {procs[-1].pid}, log {log.name}", flush=True)
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise SystemExit(f"worker exit codes {codes}: see {self.work}/worker*.log")
+
+
+def commit(paths: list[Path], message: str, attempts: int = 20) -> None:
+    """git add + commit exactly ``paths`` (other staged or modified files stay out), retrying while
+    another process holds the index lock."""
+    repo = HERE.parent
+    for attempt in range(attempts):
+        add = subprocess.run(["git", "-C", str(repo), "add", "--", *map(str, paths)], capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "-C", str(repo), "commit", "-q", "-m", message, "--", *map(str, paths)],
+            capture_output=True, text=True).returncode == 0
+        if done:
+            return
+        time.sleep(1 + attempt)
+    print(f"[powered] could not commit {message!r} (files are written; commit them by hand)", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    PoweredExperiment(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
