@@ -1,0 +1,233 @@
+"""The powered reproduction's report, made from whatever cells exist (missing ones are marked).
+
+  python experiments/powered_report.py [--results experiments/results/powered]
+
+Writes into the results directory:
+  table.md          per variant: mean +- std over seeds of test ASR, over-refusal, GSM8K test CE,
+                    recovery and drift; per cell the Wilson 95% intervals; the validation-chosen
+                    setting and the comparison with the same safety data without ProCon
+  summary.json      the same numbers, machine-readable
+  asr_vs_loss.png   test ASR against GSM8K test CE, mean +- std over seeds per variant
+  drift_layers.png  per-layer drift cosine and mean |z - z0| at the last probe, mean over seeds
+  drift_steps.png   mean drift cosine and mean |z - z0| over training steps, mean over seeds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from fastprocon.io import write_json  # noqa: E402
+from provenance import describe  # noqa: E402
+from stats import mean_std, recovery, welch_t  # noqa: E402
+
+VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_wu_safe_token")
+PROCON = [v for v in VARIANTS if v.startswith("procon")]
+TASK_LOSS_SLACK = 0.05   # the headline compares at task loss within 5% of IFT's
+
+
+def load_cells(results: Path) -> dict[str, dict]:
+    cells = {p.stem: json.loads(p.read_text()) for p in sorted((results / "cells").glob("*.json"))}
+    versions = {c["code_version"]["code"] for c in cells.values()}
+    if len(versions) > 1:
+        raise SystemExit(f"cells from {len(versions)} code versions ({', '.join(sorted(versions))}): "
+                         "rerun the stale ones (powered.py --stale rerun) before reporting")
+    return cells
+
+
+def metric(cell: dict, name: str) -> float:
+    return cell["eval"]["gsm8k_test_ce"]["ce"] if name == "ce" else cell["eval"][name]["rate"]
+
+
+def last_probe(cell: dict) -> dict | None:
+    return cell["probes"][-1] if cell.get("probes") else None
+
+
+def variant_rows(cells: dict, seeds: list[int], variants: list[str]) -> list[dict]:
+    aligned = cells.get("aligned")
+    ift = [c for c in cells.values() if c["variant"] == "ift"]
+    ift_asr = mean_std([metric(c, "asr_test") for c in ift])[0]
+    rows = []
+    for v in variants:
+        runs = [cells[f"{v}_s{s}"] for s in seeds if f"{v}_s{s}" in cells]
+        row = {"variant": v, "seeds": [c["seed"] for c in runs],
+               "missing": [f"{v}_s{s}" for s in seeds if f"{v}_s{s}" not in cells]}
+        for name in ("asr_test", "asr_val", "over_refusal_test", "over_refusal_val", "ce"):
+            row[name] = mean_std([metric(c, name) for c in runs])
+        probes = [last_probe(c) for c in runs if last_probe(c)]
+        row["drift_cos"] = mean_std([p["probe_drift_cos_mean"] for p in probes])
+        row["projection_dev"] = mean_std([p["probe_projection_deviation_mean"] for p in probes])
+        if aligned and ift_asr is not None and runs:
+            row["recovery"] = mean_std([recovery(ift_asr, metric(c, "asr_test"), metric(aligned, "asr_test"))
+                                        for c in runs])
+        rows.append(row)
+    return rows
+
+
+def choose_on_validation(rows: list[dict]) -> dict | None:
+    """The ProCon variant with the lowest mean validation ASR among those whose mean test CE is
+    within 5% of IFT's (CE is the task measure, not tuned on; ASR is chosen on validation only)."""
+    by = {r["variant"]: r for r in rows}
+    if "ift" not in by or by["ift"]["ce"][0] is None:
+        return None
+    limit = by["ift"]["ce"][0] * (1 + TASK_LOSS_SLACK)
+    eligible = [r for r in rows if r["variant"] in PROCON and r["asr_val"][0] is not None and r["ce"][0] <= limit]
+    if not eligible:
+        return {"chosen": None, "ce_limit": limit}
+    best = min(eligible, key=lambda r: r["asr_val"][0])
+    return {"chosen": best["variant"], "ce_limit": limit, "asr_val": best["asr_val"], "asr_test": best["asr_test"]}
+
+
+def _pm(ms: tuple, spec: str = ".1%") -> str:
+    mean, std = ms
+    if mean is None:
+        return "-"
+    return format(mean, spec) + ("" if std is None else " ± " + format(std, spec))
+
+
+def _ci(cell: dict, name: str) -> str:
+    m = cell["eval"][name]
+    low, high = m["wilson95"]
+    return f"{m['rate']:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def table_markdown(cells: dict, rows: list[dict], choice: dict | None, seeds: list[int], compare: dict) -> str:
+    any_cell = next(iter(cells.values()))
+    n = {k: any_cell["eval"][k]["n"] for k in ("asr_test", "asr_val", "over_refusal_test", "over_refusal_val")}
+    lines = [f"Code: {describe(any_cell['code_version'])}. Seeds {seeds}; "
+             f"test sets: {n['asr_test']} harmful / {n['over_refusal_test']} harmless prompts, validation "
+             f"{n['asr_val']} / {n['over_refusal_val']}, GSM8K test CE over "
+             f"{any_cell['eval']['gsm8k_test_ce']['n_examples']} rows.", "",
+             "| variant | seeds | ASR test | over-refusal test | GSM8K test CE | recovery | drift cos (mean layer) "
+             "| mean abs(z - z0) | ASR val |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in ("base", "aligned"):
+        if name in cells:
+            c = cells[name]
+            lines.append(f"| {name} | - | {_ci(c, 'asr_test')} | {_ci(c, 'over_refusal_test')} | "
+                         f"{metric(c, 'ce'):.4f} | - | - | - | {metric(c, 'asr_val'):.1%} |")
+    for r in rows:
+        seeds_txt = f"{len(r['seeds'])}" + (f" (missing {', '.join(r['missing'])})" if r["missing"] else "")
+        lines.append(f"| {r['variant']} | {seeds_txt} | {_pm(r['asr_test'])} | {_pm(r['over_refusal_test'])} | "
+                     f"{_pm(r['ce'], '.4f')} | {_pm(r.get('recovery', (None, None)), '.2f')} | "
+                     f"{_pm(r['drift_cos'], '.4f')} | {_pm(r['projection_dev'], '.3f')} | {_pm(r['asr_val'])} |")
+    lines += ["", "Mean ± standard deviation over seeds. ASR: share of held-out harmful prompts answered without a "
+              "refusal phrase (greedy, substring rule); over-refusal: share of harmless prompts refused; recovery = "
+              "(ASR_IFT - ASR) / (ASR_IFT - ASR_aligned) on the test set; drift cosine and |z - z0| from the last "
+              "live probe (train/probe.py, validation prompts, first training rows).", ""]
+    if choice:
+        lines.append(f"Chosen on validation (lowest validation ASR among ProCon variants with GSM8K CE within "
+                     f"{TASK_LOSS_SLACK:.0%} of IFT's, limit {choice['ce_limit']:.4f}): "
+                     + (f"**{choice['chosen']}**, validation ASR {_pm(choice['asr_val'])}, test ASR "
+                        f"{_pm(choice['asr_test'])}." if choice["chosen"] else "none qualifies."))
+    for name, c in compare.items():
+        lines.append(f"- {name}: test ASR difference {c['asr_diff']:+.1%} (Welch t {c['t']}), over-refusal "
+                     f"{c['over_refusal_diff']:+.1%}, CE {c['ce_diff']:+.4f}.")
+    lines += ["", "Per cell (Wilson 95% intervals):", "",
+              "| cell | ASR test | over-refusal test | ASR val | over-refusal val | GSM8K CE | steps | train s | eval s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, c in cells.items():
+        train = c.get("train") or {}
+        lines.append(f"| {name} | {_ci(c, 'asr_test')} | {_ci(c, 'over_refusal_test')} | {_ci(c, 'asr_val')} | "
+                     f"{_ci(c, 'over_refusal_val')} | {metric(c, 'ce'):.4f} | {train.get('final_step', '-')} | "
+                     f"{c['seconds']['train']:.0f} | {c['seconds']['eval']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_with(rows: list[dict], cells: dict, seeds: list[int], pairs: list[tuple[str, str]]) -> dict:
+    """Does ProCon add anything beyond the same data? Differences of the seed means, Welch t on ASR."""
+    by, out = {r["variant"]: r for r in rows}, {}
+    for a, b in pairs:
+        if a in by and b in by and by[a]["asr_test"][0] is not None and by[b]["asr_test"][0] is not None:
+            asr = [[metric(cells[f"{v}_s{s}"], "asr_test") for s in seeds if f"{v}_s{s}" in cells] for v in (a, b)]
+            t = welch_t(*asr)
+            out[f"{a} vs {b}"] = {"asr_diff": by[a]["asr_test"][0] - by[b]["asr_test"][0],
+                                  "over_refusal_diff": by[a]["over_refusal_test"][0] - by[b]["over_refusal_test"][0],
+                                  "ce_diff": by[a]["ce"][0] - by[b]["ce"][0], "t": None if t is None else round(t, 2)}
+    return out
+
+
+def plots(results: Path, cells: dict, rows: list[dict], seeds: list[int]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    for r in rows:
+        if r["asr_test"][0] is None:
+            continue
+        ax.errorbar(r["ce"][0], r["asr_test"][0], xerr=r["ce"][1] or 0, yerr=r["asr_test"][1] or 0, fmt="o",
+                    capsize=3, label=f"{r['variant']} ({len(r['seeds'])} seeds)")
+    for name, marker in (("aligned", "*"), ("base", "x")):
+        if name in cells:
+            ax.plot(metric(cells[name], "ce"), metric(cells[name], "asr_test"), marker, color="black", label=name)
+    ax.set_xlabel("GSM8K test CE")
+    ax.set_ylabel("ASR (held-out harmful, test split)")
+    ax.legend(fontsize=7)
+    ax.set_title("safety against task loss, mean ± std over seeds")
+    FigureCanvasAgg(fig).print_png(str(results / "asr_vs_loss.png"))
+
+    fig = Figure(figsize=(7, 8))
+    axes = fig.subplots(2, 1, sharex=True)
+    for r in rows:
+        probes = [last_probe(cells[f"{r['variant']}_s{s}"]) for s in seeds if f"{r['variant']}_s{s}" in cells]
+        probes = [p for p in probes if p]
+        for ax, key in zip(axes, ("probe_drift_cos", "probe_projection_deviation")):
+            layers = [l for l, v in enumerate(probes[0][key]) if v is not None] if probes else []
+            if layers:
+                ax.plot(layers, [sum(p[key][l] for p in probes) / len(probes) for l in layers], label=r["variant"])
+    axes[0].set_ylabel("drift cosine vs aligned directions")
+    axes[1].set_ylabel("mean |z - z0|")
+    axes[1].set_xlabel("layer")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("per layer at the end of training (last probe), mean over seeds")
+    FigureCanvasAgg(fig).print_png(str(results / "drift_layers.png"))
+
+    fig = Figure(figsize=(7, 8))
+    axes = fig.subplots(2, 1, sharex=True)
+    for r in rows:
+        series = [cells[f"{r['variant']}_s{s}"]["probes"] for s in seeds if f"{r['variant']}_s{s}" in cells]
+        series = [s for s in series if s]
+        if not series:
+            continue
+        steps = [p["step"] for p in series[0]]
+        for ax, key in zip(axes, ("probe_drift_cos_mean", "probe_projection_deviation_mean")):
+            ax.plot(steps, [sum(s[k][key] for s in series if k < len(s)) / len(series) for k in range(len(steps))],
+                    marker="o", label=r["variant"])
+    axes[0].set_ylabel("mean drift cosine")
+    axes[1].set_ylabel("mean |z - z0|")
+    axes[1].set_xlabel("optimizer step")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("live probe over training, mean over seeds")
+    FigureCanvasAgg(fig).print_png(str(results / "drift_steps.png"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=HERE / "results" / "powered")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    args = p.parse_args(argv)
+    cells = load_cells(args.results)
+    if not cells:
+        raise SystemExit(f"no cells in {args.results / 'cells'}")
+    rows = variant_rows(cells, args.seeds, args.variants)
+    choice = choose_on_validation(rows)
+    pairs = [("procon_wu_safe", "ift_safe"), ("procon_wu_safe_token", "ift_safe"), ("procon_s", "ift"),
+             ("procon_wu", "ift"), ("procon_s_token", "ift")]
+    compare = compare_with(rows, cells, args.seeds, pairs)
+    (args.results / "table.md").write_text(table_markdown(cells, rows, choice, args.seeds, compare))
+    write_json(args.results / "summary.json", {"code_version": next(iter(cells.values()))["code_version"],
+                                              "variants": rows, "chosen_on_validation": choice, "comparisons": compare,
+                                              "cells": sorted(cells)})
+    plots(args.results, cells, rows, args.seeds)
+    print((args.results / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The powered reproduction (experiments/powered.py, powered_report.py, stats.py): its statistics
+against known values, and the driver end to end on the random-init `tiny` model with micro sizes
+(two 1-thread workers sharing the cell queue, a resume, a stale cell refused, the report)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+import stats  # noqa: E402
+
+DRIVER, REPORT = REPO / "experiments" / "powered.py", REPO / "experiments" / "powered_report.py"
+
+
+def test_wilson_interval_known_values():
+    # hand-computed from the Wilson formula (z = 1.95996)
+    low, high = stats.wilson(5, 10)
+    assert low == pytest.approx(0.236593, abs=1e-6) and high == pytest.approx(0.763407, abs=1e-6)
+    low, high = stats.wilson(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.277533, abs=1e-6)
+    low, high = stats.wilson(30, 300)
+    assert low == pytest.approx(0.0709479, abs=1e-6) and high == pytest.approx(0.1391665, abs=1e-6)
+    assert stats.wilson(0, 0) is None
+    with pytest.raises(ValueError, match="successes"):
+        stats.wilson(11, 10)
+
+
+def test_mean_std_recovery_and_welch():
+    assert stats.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert stats.mean_std([4.0]) == (4.0, None) and stats.mean_std([]) == (None, None)
+    assert stats.recovery(0.6, 0.2, 0.1) == pytest.approx(0.8)
+    assert stats.recovery(0.6, 0.7, 0.1) == pytest.approx(-0.2)
+    assert stats.recovery(0.1, 0.2, 0.1) is None      # IFT lost nothing: undefined, not 0 or inf
+    t = stats.welch_t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert t == pytest.approx(-3.0 / math.sqrt(2 / 3))
+    assert stats.welch_t([1.0], [2.0, 3.0]) is None
+
+
+def run(script, *args, expect_ok=True):
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    else:
+        assert proc.returncode != 0, proc.stdout[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_powered_driver_on_tiny(tmp_path, shared_data):
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = ["--model", "tiny", "--sizes", "micro", "--device", "cpu", "--data", shared_data, "--work", work,
+            "--results", results, "--seeds", 0, "--variants", "ift", "procon_wu_safe_token",
+            "--align", "max_steps=2", "--ift", "max_steps=3", "--workers", 2]
+    run(DRIVER, *args)
+    cells = {p.stem: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
+    assert set(cells) == {"aligned", "ift_s0", "procon_wu_safe_token_s0"}
+    for name, cell in cells.items():
+        ev = cell["eval"]
+        assert (ev["asr_test"]["n"], ev["asr_val"]["n"], ev["over_refusal_test"]["n"]) == (6, 4, 4)
+        low, high = ev["asr_test"]["wilson95"]
+        assert low <= ev["asr_test"]["rate"] <= high
+        assert ev["gsm8k_test_ce"]["n_examples"] == 4 and ev["gsm8k_test_ce"]["ce"] > 0
+        lines = (results / "completions" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == 6 + 4 + 4 + 4
+    trained = cells["procon_wu_safe_token_s0"]
+    assert trained["train"]["final_step"] == 3 and trained["train"]["examples"] == 4 + 2   # GSM8K + safety mix
+    assert "reduction = \"token\"" in trained["config"] and "lora = true" in trained["config"]
+    assert [p["step"] for p in trained["probes"]] == [0, 3]            # live probe: start and end
+    assert not (work / "runs" / "ift_s0" / "model").exists()          # exported model removed after its eval
+
+    # evaluation prompts are used nowhere in training or direction extraction
+    data = {p.stem: json.loads(p.read_text()) for p in (work / "data").glob("*.json") if p.stem != "manifest"}
+    evaluated = {r["instruction"] for k in ("harmful_test", "harmful_val", "harmless_test", "harmless_val")
+                 for r in data[k]}
+    used = {r["instruction"] for k in ("align_safety", "ift_safety", "harmful_dir", "harmless_dir",
+                                       "distill_prompts") for r in data[k]}
+    assert evaluated and not (evaluated & used)
+    assert not ({r["instruction"] for r in data["harmful_test"]} & {r["instruction"] for r in data["harmful_val"]})
+
+    # a rerun resumes: no cell is redone
+    out = run(DRIVER, *args[:-2])
+    assert "[powered] cell" not in out
+
+    # a cell made from other inputs (e.g. another aligned model) is refused, naming the cell
+    path = results / "cells" / "ift_s0.json"
+    cell = json.loads(path.read_text())
+    path.write_text(json.dumps({**cell, "inputs": "0" * 16}))
+    err = run(DRIVER, *args[:-2], expect_ok=False)
+    assert "cell ift_s0" in err and "0000000000000000" in err and "--stale rerun" in err
+    path.write_text(json.dumps(cell))
+
+    # the report marks missing cells and names the code version
+    out = run(REPORT, "--results", results, "--seeds", 0, 1, "--variants", "ift", "procon_wu_safe_token")
+    table = (results / "table.md").read_text()
+    assert "missing ift_s1" in table and cell["code_version"]["code"] in table
+    for png in ("asr_vs_loss.png", "drift_layers.png", "drift_steps.png"):
+        assert (results / png).stat().st_size > 0
