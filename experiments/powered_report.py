@@ -180,12 +180,8 @@ def plots(results: Path, cells: dict, rows: list[dict], seeds: list[int]) -> Non
             layers = [l for l, v in enumerate(probes[0][key]) if v is not None] if probes else []
             if layers:
                 ax.plot(layers, [sum(p[key][l] for p in probes) / len(probes) for l in layers], label=r["variant"])
-    axes[0].set_ylabel("drift cosine vs aligned directions")
-    axes[1].set_ylabel("mean |z - z0|")
-    axes[1].set_xlabel("layer")
-    axes[0].legend(fontsize=7)
-    axes[0].set_title("per layer at the end of training (last probe), mean over seeds")
-    FigureCanvasAgg(fig).print_png(str(results / "drift_layers.png"))
+    _save_pair(fig, axes, results / "drift_layers.png", "drift cosine vs aligned directions", "layer",
+               "per layer at the end of training (last probe), mean over seeds")
 
     fig = Figure(figsize=(7, 8))
     axes = fig.subplots(2, 1, sharex=True)
@@ -198,12 +194,20 @@ def plots(results: Path, cells: dict, rows: list[dict], seeds: list[int]) -> Non
         for ax, key in zip(axes, ("probe_drift_cos_mean", "probe_projection_deviation_mean")):
             ax.plot(steps, [sum(s[k][key] for s in series if k < len(s)) / len(series) for k in range(len(steps))],
                     marker="o", label=r["variant"])
-    axes[0].set_ylabel("mean drift cosine")
+    _save_pair(fig, axes, results / "drift_steps.png", "mean drift cosine", "optimizer step",
+               "live probe over training, mean over seeds")
+
+
+def _save_pair(fig, axes, path: Path, top_label: str, xlabel: str, title: str) -> None:
+    """Label a (drift cosine, |z - z0|) pair of panels and save the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    axes[0].set_ylabel(top_label)
     axes[1].set_ylabel("mean |z - z0|")
-    axes[1].set_xlabel("optimizer step")
+    axes[1].set_xlabel(xlabel)
     axes[0].legend(fontsize=7)
-    axes[0].set_title("live probe over training, mean over seeds")
-    FigureCanvasAgg(fig).print_png(str(results / "drift_steps.png"))
+    axes[0].set_title(title)
+    FigureCanvasAgg(fig).print_png(str(path))
 
 
 def main(argv=None) -> int:
