@@ -41,8 +41,8 @@ sys.path.insert(0, str(HERE))
 
 from fastprocon.io import write_json  # noqa: E402
 
-from procon_smollm2 import Experiment, toml_value  # noqa: E402
-from provenance import code_version, describe  # noqa: E402
+from procon_smollm2 import Experiment, main, read_rows, toml_value  # noqa: E402
+from provenance import describe  # noqa: E402
 from stats import wilson  # noqa: E402
 
 CONFIGS = HERE / "configs" / "powered"
@@ -91,14 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _read(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"shared data file not found: {path} (set --data)")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(path.read_text())
-
-
 def _slices(rows: list, counts: dict[str, int], what: str) -> dict[str, list]:
     if sum(counts.values()) > len(rows):
         raise ValueError(f"{what}: need {sum(counts.values())} rows for {counts}, there are {len(rows)}")
@@ -128,14 +120,14 @@ class PoweredExperiment(Experiment):
             rng.shuffle(rows)
             return rows
 
-        safety = shuffled([r for r in _read(src / "safety" / "safety_only.json") if is_refusal(r["output"])])
-        harmful_train = shuffled(_read(src / "direction" / "harmful_train.json"))
-        harmless_train = shuffled(_read(src / "direction" / "harmless_train.json"))
-        harmless_val = shuffled(_read(src / "direction" / "harmless_val.json"))
-        harmbench = _read(src / "direction" / "harmful_val.json")
-        gsm_train = [r for r in shuffled(_read(src / "gsm8k" / "train.jsonl"))
+        safety = shuffled([r for r in read_rows(src / "safety" / "safety_only.json") if is_refusal(r["output"])])
+        harmful_train = shuffled(read_rows(src / "direction" / "harmful_train.json"))
+        harmless_train = shuffled(read_rows(src / "direction" / "harmless_train.json"))
+        harmless_val = shuffled(read_rows(src / "direction" / "harmless_val.json"))
+        harmbench = read_rows(src / "direction" / "harmful_val.json")
+        gsm_train = [r for r in shuffled(read_rows(src / "gsm8k" / "train.jsonl"))
                      if len(r["question"]) + len(r["answer"]) <= 450]
-        gsm_test = [r for r in shuffled(_read(src / "gsm8k" / "test.jsonl"))
+        gsm_test = [r for r in shuffled(read_rows(src / "gsm8k" / "test.jsonl"))
                     if len(r["question"]) + len(r["answer"]) <= 450]
 
         n_eval = a.n_test_harmful + a.n_val_harmful
@@ -164,31 +156,13 @@ class PoweredExperiment(Experiment):
         write_json(self.data_dir / "manifest.json", {"seed": a.seed, "source": str(src),
                                                      "rows": {k: len(v) for k, v in files.items()}})
 
-    def distill(self) -> None:
-        """The base model's own greedy answers (first ``distill_tokens`` tokens) to Alpaca
-        instructions, plus the built-in benign set: the helpful behaviour stage 1 must keep."""
-        from fastprocon.data import builtin_path, load_instructions
-        from fastprocon.evaluate import greedy_completions, is_refusal
+    def distill_tokens(self) -> int:
+        """Distilled answers are cut at this many tokens: enough to show the base model's helpful
+        opening (what over-refusal is scored on), cheap enough for a few hundred prompts."""
+        return self.args.distill_tokens
 
-        self.log["distill"]["commands"].append(
-            f"# fastprocon.evaluate.greedy_completions of {self.args.model} on data/distill_prompts.json "
-            f"({self.args.distill_tokens} tokens, python API)")
-        prompts = load_instructions(self.data_dir / "distill_prompts.json")
-        answers, _ = greedy_completions(self.load(self.args.model), prompts, max_new_tokens=self.args.distill_tokens,
-                                        batch_size=self.args.batch_size, desc="distill")
-        rows = [{"instruction": p, "input": "", "output": t} for p, t in zip(prompts, answers)
-                if t.strip() and not is_refusal(t)]
-        rows += json.loads(builtin_path("benign").read_text())
-        self.log["distill"]["kept"] = f"{len(rows)} benign pairs ({len(prompts)} distilled, refusals/empty dropped)"
-        write_json(self.data_dir / "benign.json", rows)
-
-    def directions(self) -> None:
-        self.fastprocon("directions", ["directions", "--model", self.aligned, *self.model_flags(),
-                                       "--harmful", self.data_dir / "harmful_dir.json",
-                                       "--harmless", self.data_dir / "harmless_dir.json", "--max-prompts", 0,
-                                       "--harmful-val", self.data_dir / "harmful_val.json",
-                                       "--harmless-val", self.data_dir / "harmless_val.json",
-                                       "--batch-size", self.args.batch_size, "--out", self.path("directions")])
+    def direction_validation(self) -> tuple[Path, Path]:
+        return self.data_dir / "harmful_val.json", self.data_dir / "harmless_val.json"
 
     def shared_stages(self) -> None:
         self.stage("data", self.data_dir / "manifest.json", self.make_data)
@@ -345,9 +319,10 @@ class PoweredExperiment(Experiment):
             commit([self.cells_dir / f"{cell}.json", completions], f"Issue 16 (powered): cell {cell}")
         print(f"[powered] cell {cell}: {record['seconds']}", flush=True)
 
-    def work_queue(self) -> None:
+    def work_queue(self, only: set[str] | None = None) -> None:
+        """Run every unfinished cell (or those named in ``only``) that no other process holds."""
         for cell, variant, seed in self.cells():
-            if self.cell_done(cell, variant, seed) or not self.claim(cell):
+            if (only is not None and cell not in only) or self.cell_done(cell, variant, seed) or not self.claim(cell):
                 continue
             try:
                 self.run_cell(cell, variant, seed)
@@ -367,19 +342,10 @@ class PoweredExperiment(Experiment):
                        {k: v for k, v in self.log.items() if isinstance(v, dict) and "version" in v}
                        | {"manifest": json.loads((self.data_dir / "manifest.json").read_text())})
             if a.shared_only:
-                self.work_queue_only(["aligned"])
-                return
+                return self.work_queue(only={"aligned"})
             if a.workers > 1:
                 return self.spawn_workers()
         self.work_queue()
-
-    def work_queue_only(self, names: list[str]) -> None:
-        for cell, variant, seed in self.cells():
-            if cell in names and not self.cell_done(cell, variant, seed) and self.claim(cell):
-                try:
-                    self.run_cell(cell, variant, seed)
-                finally:
-                    (self.locks / f"{cell}.lock").unlink(missing_ok=True)
 
     def spawn_workers(self) -> None:
         procs = []
@@ -409,14 +375,5 @@ def commit(paths: list[Path], message: str, attempts: int = 20) -> None:
     print(f"[powered] could not commit {message!r} (files are written; commit them by hand)", flush=True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    PoweredExperiment(args).run()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(parse=parse_args, experiment=PoweredExperiment))

@@ -59,6 +59,15 @@ def toml_value(value) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
+def read_rows(path: Path) -> list:
+    """The rows of a shared data file (.json list or .jsonl), or a FileNotFoundError naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"shared data file not found: {path} (set --data)")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text())
+
+
 def _labels_in(path: Path) -> set[str]:
     """The model labels a drift report covers (so adding a variant reruns the drift stages)."""
     report = json.loads(path.read_text())
@@ -170,13 +179,7 @@ class Experiment:
             rng.shuffle(rows)
             return rows
 
-        def read(path: Path) -> list:
-            if not path.is_file():
-                raise FileNotFoundError(f"shared data file not found: {path} (set --data)")
-            if path.suffix == ".jsonl":
-                return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            return json.loads(path.read_text())
-
+        read = read_rows
         def take(rows: list, *counts: int) -> list[list]:
             if sum(counts) > len(rows):
                 raise ValueError(f"need {sum(counts)} rows for slices {counts}, the file has {len(rows)}")
@@ -220,16 +223,19 @@ class Experiment:
         from fastprocon.evaluate import greedy_completions, is_refusal
 
         self.log["distill"]["commands"].append(
-            f"# fastprocon.evaluate.greedy_completions of {self.args.model} on data/distill_prompts.json (python API)")
+            f"# fastprocon.evaluate.greedy_completions of {self.args.model} on data/distill_prompts.json "
+            f"({self.distill_tokens()} tokens, python API)")
         prompts = load_instructions(self.data_dir / "distill_prompts.json")
-        loaded = self.load(self.args.model)
-        answers, _ = greedy_completions(loaded, prompts, max_new_tokens=self.args.test_gen_tokens,
-                              batch_size=self.args.batch_size, desc="distill")
+        answers, _ = greedy_completions(self.load(self.args.model), prompts, max_new_tokens=self.distill_tokens(),
+                                        batch_size=self.args.batch_size, desc="distill")
         rows = [{"instruction": p, "input": "", "output": t} for p, t in zip(prompts, answers)
                 if t.strip() and not is_refusal(t)]
         rows += json.loads(builtin_path("benign").read_text())
         self.log["distill"]["kept"] = f"{len(rows)} benign pairs ({len(prompts)} distilled, refusals/empty dropped)"
         write_json(self.data_dir / "benign.json", rows)
+
+    def distill_tokens(self) -> int:
+        return self.args.test_gen_tokens
 
     def train(self, run: str, config: str, overrides: list[str]) -> None:
         stage = run if run == "align" else f"train:{run}"
@@ -250,12 +256,16 @@ class Experiment:
     def directions_file(self) -> Path:
         return self.path("directions", "directions.safetensors")
 
+    def direction_validation(self) -> tuple[Path, Path]:
+        """Harmful and harmless prompts on which `fastprocon directions` checks its directions."""
+        return Path(self.args.data) / "direction" / "harmful_val.json", self.data_dir / "eval_harmless.json"
+
     def directions(self) -> None:
         self.fastprocon("directions", ["directions", "--model", self.aligned, *self.model_flags(),
                                        "--harmful", self.data_dir / "harmful_dir.json",
                                        "--harmless", self.data_dir / "harmless_dir.json", "--max-prompts", 0,
-                                       "--harmful-val", Path(self.args.data) / "direction" / "harmful_val.json",
-                                       "--harmless-val", self.data_dir / "eval_harmless.json",
+                                       "--harmful-val", self.direction_validation()[0],
+                                       "--harmless-val", self.direction_validation()[1],
                                        "--batch-size", self.args.batch_size, "--out", self.path("directions")])
 
     def reference(self) -> None:
@@ -365,12 +375,13 @@ class Experiment:
         print(f"[experiment] report written to {self.results}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, parse=parse_args, experiment=Experiment) -> int:
+    """Parse ``argv``, set the thread count, run the experiment (also the powered driver's entry)."""
+    args = parse(argv)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    Experiment(args).run()
+    experiment(args).run()
     return 0
 
 
