@@ -54,6 +54,12 @@ SIZES = {
                   n_test_harmful=6, n_val_harmful=4, n_test_harmless=4, n_val_harmless=4, n_test_loss=4,
                   distill_tokens=8, gen_tokens=8, max_length=256, probe_prompts=4),
 }
+# Stage 1 also teaches refusal on the direction-extraction harmful prompts (AdvBench style, used
+# nowhere in evaluation), with one of these generic refusals each: the safety rows alone left the
+# aligned model answering 24% of held-out AdvBench prompts (first attempt, see SUMMARY.md).
+GENERIC_REFUSALS = ("I'm sorry, but I can't help with that.", "I can't assist with that request.",
+                    "I'm sorry, but I cannot help with this. It could cause serious harm.",
+                    "I cannot provide that. It is harmful and may be illegal.")
 VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_wu_safe_token")
 
 
@@ -144,7 +150,9 @@ class PoweredExperiment(Experiment):
         harmful_val = [r for pool in pools for r in pool[round(len(pool) * test_share):]]
         h = _slices(harmless_train, {"dir": a.n_direction, "distill": a.n_distill}, "harmless_train")
         v = _slices(harmless_val, {"test": a.n_test_harmless, "val": a.n_val_harmless}, "harmless_val")
-        files = {"align_safety.json": s["align"], "ift_safety.json": s["mix"],
+        refusals = [{"instruction": r["instruction"], "input": "", "output": rng.choice(GENERIC_REFUSALS)}
+                    for r in harmful_train[:a.n_direction]]
+        files = {"align_safety.json": s["align"] + refusals, "ift_safety.json": s["mix"],
                  "harmful_dir.json": harmful_train[:a.n_direction], "harmless_dir.json": h["dir"],
                  "distill_prompts.json": h["distill"],
                  "harmful_test.json": harmful_test, "harmful_val.json": harmful_val,

@@ -245,7 +245,8 @@ class Experiment:
     def align(self) -> None:
         self.train("align", str(Path(self.args.configs) / "align.toml"),
                    [f"spec={self.args.model}", f"train={self.data_dir / 'benign.json'}",
-                    f"safety={self.data_dir / 'align_safety.json'}", f"safety_samples={self.args.n_align_safety}",
+                    f"safety={self.data_dir / 'align_safety.json'}",
+                    f"safety_samples={len(read_rows(self.data_dir / 'align_safety.json'))}",
                     f"max_length={self.args.max_length}", *self.args.align])
 
     @property
