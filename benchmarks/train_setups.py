@@ -247,7 +247,8 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
         tokens_per_s = real[s] / seconds
         flops = sum(training_flops(*flops_base, batches[SETUPS[s]["packed"], k][2]) for k in timed)
         ratios = [a / b for a, b in zip(times[s, v], times[s, "off"])]
-        spread = pair_spread(ratios) if pairs else {}
+        spread = pair_spread(ratios) if pairs else dict.fromkeys(
+            ("overhead_p20", "overhead_p80", "overhead_ci95_low", "overhead_ci95_high"), "")
         rows.append({**env, "model": name, "layers": n_layers, "hidden": hidden, "vocab": model.config.vocab_size,
                      "dtype": args.dtype, "data": data_name, "samples": len(samples), "batch": args.batch,
                      "micro_batch": args.micro_batch, "max_length": max_length, "setup": s, "variant": v,
