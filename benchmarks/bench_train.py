@@ -38,6 +38,13 @@ ProCon off and on; see train_setups.py), into setups_<device tag>.csv and .png:
     python benchmarks/bench_train.py --setups padded packed --models smollm2 \
         --data ../shared/data/gsm8k/train.jsonl --rows 256 --max-length 512 --batch 8 --micro-batch 4
     python benchmarks/bench_train.py --setups padded chunked --models llama3-128k-small --batch 4 --seq 512
+
+``--setups ... --pairs N``: the ProCon overhead per set-up from N interleaved (off, fused) pairs on
+one batch, with its spread, and the compile time of compiled set-ups (no memory pass; see
+train_setups.py):
+
+    python benchmarks/bench_train.py --setups padded packed chunked compiled --models smollm2 \
+        --data ../shared/data/gsm8k/train.jsonl --rows 256 --batch 2 --micro-batch 2 --pairs 20 --warmup 2
 """
 from __future__ import annotations
 
@@ -262,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-min", type=int, help="--setups without --data: sample lengths uniform in "
                                                 "[seq-min, seq] (default: all --seq)")
     p.add_argument("--steps", type=int, default=3, help="--setups: timed steps per set-up and variant (default 3)")
+    p.add_argument("--pairs", type=int, help="--setups: N interleaved (off, fused) pairs per set-up on one batch "
+                                              "(step 0) instead of --steps, for the ProCon overhead and its spread; "
+                                              "--warmup untimed steps first; no memory pass")
+    p.add_argument("--time-limit", type=float, help="--pairs: stop the pairs after this many seconds (whole rounds)")
     p.add_argument("--memory-pass", type=Path, help=argparse.SUPPRESS)   # internal: CPU memory pass output
     p.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/train_<device tag>.csv)")
     return p
@@ -275,6 +286,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.pairs is not None and (args.pairs < 1 or not args.setups):
+        raise SystemExit("--pairs needs --setups and must be >= 1")
     for name in ("batch", "seq", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -316,7 +329,7 @@ def main_setups(args, argv: list, device: torch.device) -> int:
     rows = []
     for spec in args.models:
         rows += train_setups.bench(spec, args, device, env, build_model)
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.pairs:
         peaks = {r["key"]: r["peak_mem_bytes"] for r in harness.memory_pass_subprocess(Path(__file__), argv)}
         for r in rows:
             r["peak_mem_bytes"] = peaks[f"{r['model']}|{r['setup']}|{r['variant']}"]

@@ -20,11 +20,26 @@ attention per sample: train.metrics.training_flops), the peak memory of a step a
 held before it (parameters and optimizer state; so: activations, logits, gradients and
 temporaries; on CPU the resident-set high-water mark, in a separate process, see harness.py),
 and the ProCon overhead over the same set-up's ProCon-off step.
+
+``--pairs N`` measures that overhead more tightly: after ``--warmup`` untimed steps per (set-up,
+variant), N rounds on one batch (the plan's step 0, the same in every round), each round running
+every set-up as a pair, ProCon off then fused, back to back on the same model. The overhead is the
+median over pairs of (fused / off) - 1, so a shared machine's load, which moves both steps of a
+pair alike, cancels; its spread is given as the 20th-80th percentile of the per-pair ratios and a
+95% bootstrap interval of the median (columns ``overhead_p20/p80``, ``overhead_ci95_low/high``).
+The first warm-up step of each (set-up, variant) is recorded as ``first_step_ms``; for compiled
+set-ups ``compile_s`` = first step - median step (torch.compile's time, cold unless inductor's
+cache already holds the graphs). The load average (1 min) is sampled every round: ``load_avg`` is
+its median. ``--time-limit S`` ends the pairs after the round running when S seconds of
+them have passed (the ``pairs`` column says how many ran); so does the signal SIGUSR1. No memory pass is made with ``--pairs`` (``peak_mem_bytes`` stays empty).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import random
+import signal
 import statistics
 import sys
 import time
@@ -51,7 +66,9 @@ VARIANTS = ("off", "fused")
 FIELDS = harness.ENV_FIELDS + (
     "model", "layers", "hidden", "vocab", "dtype", "data", "samples", "batch", "micro_batch", "max_length", "setup",
     "variant", "steps", "median_ms", "p20_ms", "p80_ms", "real_tokens_per_s", "padding_fraction", "mfu",
-    "peak_mem_bytes", "step_overhead", "load_avg")
+    "peak_mem_bytes", "step_overhead", "load_avg",
+    # --pairs only (empty otherwise): see the module docstring
+    "pairs", "overhead_p20", "overhead_p80", "overhead_ci95_low", "overhead_ci95_high", "first_step_ms", "compile_s")
 PROMPT_FRACTION = 0.3
 
 
@@ -176,14 +193,29 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
             batches[packed, s] = (mbs, n_pred, lengths)
     times = {(s, v): [] for s in args.setups for v in VARIANTS}
     peaks = {(s, v): 0 for s in args.setups for v in VARIANTS}
+    first = {}
     real = {s: 0 for s in args.setups}
-    warmup = 1
+    pairs = getattr(args, "pairs", None) if not memory_pass else None
+    warmup = args.warmup if pairs else 1
+    # the plan's step of each timed round: --pairs repeats step 0, otherwise steps 0, 1, ...
+    timed = [0] * pairs if pairs else [0] if memory_pass else list(range(steps))
+    loads = []
+    stop = []                       # --pairs: SIGUSR1 ends the pairs after the running round, as --time-limit
+    if pairs and hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda *_: stop.append(True))
     order = [(s, v) for s in args.setups for v in VARIANTS]
     desc = f"bench_train --setups {name}" + (" memory pass" if memory_pass else "")
-    n_runs = (warmup + (1 if memory_pass else steps)) * len(order)
+    n_runs = (warmup + len(timed)) * len(order)
     with tqdm(total=n_runs, desc=desc, unit="step", file=sys.stderr) as bar:
-        for i in range(warmup + (1 if memory_pass else steps)):
-            step = max(0, i - warmup)
+        for i in range(warmup + len(timed)):
+            if pairs and i > warmup and (time.monotonic() > deadline or stop):
+                timed = timed[:i - warmup]              # --time-limit: stop after whole rounds
+                bar.write(f"--time-limit reached after {len(timed)} pairs")
+                break
+            if i == warmup:
+                deadline = time.monotonic() + (getattr(args, "time_limit", None) or float("inf"))
+            step = timed[i - warmup] if i >= warmup else 0
+            loads.append(os.getloadavg()[0])
             for s, v in order:
                 mbs, n_pred, lengths = batches[SETUPS[s]["packed"], step]
                 runner = runners[s]
@@ -195,6 +227,7 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
                     runner(mbs, n_pred, v == "fused", device)
                     harness.synchronize(device)
                     ms = (time.perf_counter() - t0) * 1e3
+                first.setdefault((s, v), ms)
                 if i >= warmup:
                     times[s, v].append(ms)
                     peaks[s, v] = max(peaks[s, v], harness.peak_bytes(device) - before)
@@ -206,23 +239,28 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
     if memory_pass:
         return [{"key": f"{name}|{s}|{v}", "peak_mem_bytes": peaks[s, v]} for s, v in order]
     peak = peak_flops(device)
-    load = f"{__import__('os').getloadavg()[0]:.1f}"
+    load = f"{statistics.median(loads[warmup:] or loads):.1f}"
     rows = []
     for s, v in order:
         t = harness.quantiles(times[s, v])
         seconds = sum(times[s, v]) / 1e3
         tokens_per_s = real[s] / seconds
-        flops = sum(training_flops(*flops_base, batches[SETUPS[s]["packed"], k][2]) for k in range(steps))
+        flops = sum(training_flops(*flops_base, batches[SETUPS[s]["packed"], k][2]) for k in timed)
         ratios = [a / b for a, b in zip(times[s, v], times[s, "off"])]
+        spread = pair_spread(ratios) if pairs else dict.fromkeys(
+            ("overhead_p20", "overhead_p80", "overhead_ci95_low", "overhead_ci95_high"), "")
         rows.append({**env, "model": name, "layers": n_layers, "hidden": hidden, "vocab": model.config.vocab_size,
                      "dtype": args.dtype, "data": data_name, "samples": len(samples), "batch": args.batch,
                      "micro_batch": args.micro_batch, "max_length": max_length, "setup": s, "variant": v,
-                     "steps": steps, "median_ms": f"{t.median_ms:.1f}", "p20_ms": f"{t.p20_ms:.1f}",
+                     "steps": len(timed), "median_ms": f"{t.median_ms:.1f}", "p20_ms": f"{t.p20_ms:.1f}",
                      "p80_ms": f"{t.p80_ms:.1f}", "real_tokens_per_s": f"{tokens_per_s:.1f}",
                      "padding_fraction": f"{pad_frac[SETUPS[s]['packed']]:.4f}",
                      "mfu": f"{flops / seconds / peak:.4f}" if peak else "",
                      "peak_mem_bytes": peaks[s, v] if device.type == "cuda" else "",
-                     "step_overhead": f"{statistics.median(ratios) - 1:.4f}", "load_avg": load})
+                     "step_overhead": f"{statistics.median(ratios) - 1:.4f}", "load_avg": load,
+                     "pairs": len(timed) if pairs else "", **spread, "first_step_ms": f"{first[s, v]:.1f}" if pairs else "",
+                     "compile_s": f"{(first[s, v] - t.median_ms) / 1e3:.1f}"
+                     if pairs and SETUPS[s]["compiled"] else ""})
     del model, optimizer, runners, batches, params
     gc.collect()
     if device.type == "cuda":
@@ -230,15 +268,29 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
     return rows
 
 
+def pair_spread(ratios: list[float], resamples: int = 2000) -> dict:
+    """The spread of per-pair overheads (ratio - 1): 20th/80th percentiles and a 95% bootstrap
+    interval of their median (seeded, so a CSV's figures can be recomputed)."""
+    q = statistics.quantiles(ratios, n=10, method="inclusive") if len(ratios) > 1 else ratios * 9
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"overhead_p20": f"{q[1] - 1:.4f}", "overhead_p80": f"{q[7] - 1:.4f}",
+            "overhead_ci95_low": f"{medians[int(0.025 * resamples)] - 1:.4f}",
+            "overhead_ci95_high": f"{medians[int(0.975 * resamples) - 1] - 1:.4f}"}
+
+
 def summary(rows: list[dict]) -> str:
     lines = [f"{'model':<16} {'setup':<9} {'variant':<7} {'step ms':>9} {'real tok/s':>10} {'padding':>8} "
-             f"{'MFU':>6} {'peak mem':>10} {'+ProCon':>8}"]
+             f"{'MFU':>6} {'peak mem':>10} {'+ProCon':>8} {'95% CI (pairs)':>17} {'compile':>8}"]
     for r in rows:
         mfu = f"{100 * float(r['mfu']):.1f}%" if r["mfu"] != "" else "-"
         mem = harness.fmt_bytes(int(r["peak_mem_bytes"])) if r["peak_mem_bytes"] != "" else "-"
         lines.append(f"{r['model']:<16} {r['setup']:<9} {r['variant']:<7} {float(r['median_ms']):>9.1f} "
                      f"{float(r['real_tokens_per_s']):>10.1f} {100 * float(r['padding_fraction']):>7.1f}% {mfu:>6} "
-                     f"{mem:>10} {100 * float(r['step_overhead']):>+7.1f}%")
+                     f"{mem:>10} {100 * float(r['step_overhead']):>+7.1f}% "
+                     + (f"{100 * float(r['overhead_ci95_low']):+.2f}..{100 * float(r['overhead_ci95_high']):+.2f}% "
+                        if r.get("pairs") and r["variant"] != "off" else f"{'-':>17} ")
+                     + (f"{float(r['compile_s']):>7.1f}s" if r.get("compile_s") else f"{'-':>8}"))
     return "\n".join(lines)
 
 
@@ -252,9 +304,18 @@ def plot(rows: list[dict], path) -> None:
     labels = [f"{r['model']}\n{r['setup']}" for r in fused]
     axes[0].bar(labels, [float(r["real_tokens_per_s"]) for r in fused])
     axes[0].set_ylabel("real tokens/s (ProCon on)")
-    mem = [int(r["peak_mem_bytes"]) / 2**30 if r["peak_mem_bytes"] != "" else 0 for r in fused]
-    axes[1].bar(labels, mem)
-    axes[1].set_ylabel("peak memory of a step, above params + optimizer (GiB)")
+    if all(r.get("pairs") for r in fused):       # --pairs: the ProCon overhead and its 95% interval instead
+        mid = [100 * float(r["step_overhead"]) for r in fused]
+        err = [[m - 100 * float(r["overhead_ci95_low"]) for m, r in zip(mid, fused)],
+               [100 * float(r["overhead_ci95_high"]) - m for m, r in zip(mid, fused)]]
+        axes[1].bar(labels, mid, yerr=err, capsize=4)
+        axes[1].axhline(1, color="grey", linestyle="--", linewidth=0.8)
+        axes[1].axhline(-1, color="grey", linestyle="--", linewidth=0.8)
+        axes[1].set_ylabel("ProCon at every layer: step time overhead (%)\nmedian of pairs, 95% interval")
+    else:
+        mem = [int(r["peak_mem_bytes"]) / 2**30 if r["peak_mem_bytes"] != "" else 0 for r in fused]
+        axes[1].bar(labels, mem)
+        axes[1].set_ylabel("peak memory of a step, above params + optimizer (GiB)")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7, rotation=30)
     fig.tight_layout()

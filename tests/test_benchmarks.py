@@ -81,6 +81,37 @@ def test_bench_train_reports_every_variant(results):
     assert {rows[1]["backend"], rows[2]["backend"]} == {"reference", "torch"}
 
 
+def test_bench_train_pairs_gives_overhead_spread_and_compile_time(tmp_path):
+    """--setups --pairs: interleaved (off, fused) pairs on one batch; the overhead's spread and
+    the compiled set-up's compile time are in the CSV, with no memory pass."""
+    threads = torch.get_num_threads()
+    out = tmp_path / "setups_cpu.csv"
+    try:
+        assert bench_train.main(["--device", "cpu", "--setups", "padded", "compiled", "--models", "tiny", "--batch",
+                                 "2", "--micro-batch", "2", "--seq", "16", "--pairs", "3", "--warmup", "1",
+                                 "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = harness.read_csv(out, bench_train.train_setups.FIELDS)
+    assert [(r["setup"], r["variant"]) for r in rows] == [(s, v) for s in ("padded", "compiled")
+                                                          for v in ("off", "fused")]
+    for r in rows:
+        assert (r["pairs"], r["steps"], r["peak_mem_bytes"]) == ("3", "3", "")
+        low, high = float(r["overhead_ci95_low"]), float(r["overhead_ci95_high"])
+        assert low <= float(r["step_overhead"]) <= high and float(r["overhead_p20"]) <= float(r["overhead_p80"])
+        assert float(r["first_step_ms"]) > 0
+        assert (r["compile_s"] != "") == (r["setup"] == "compiled")
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--pairs needs --setups"):
+        bench_train.parse_args(["--device", "cpu", "--pairs", "3"])
+
+
+def test_pair_spread_brackets_the_median():
+    spread = bench_train.train_setups.pair_spread([1.0, 1.01, 1.02, 0.99, 1.005])
+    assert float(spread["overhead_ci95_low"]) <= 0.005 <= float(spread["overhead_ci95_high"])
+    assert float(spread["overhead_p20"]) < 0.005 < float(spread["overhead_p80"])
+
+
 def test_report_draws_figures_and_tables(results):
     written = report.write_report(results)
     assert {p.name for p in written} == {"penalty_cpu.png", "train_cpu.png", "README_perf.md"}
