@@ -17,7 +17,8 @@ the input ids after), ``id_bytes`` [..] uint8 + ``id_offsets`` [n + 1] int64 (UT
 ids); header: the key and its parts, the dataset hash, counts. A :class:`TokenizedDataset` over
 it keeps only per-sample counts in memory (40 bytes a sample) and materialises a
 :class:`~fastprocon.data.TokenizedExample` when indexed, so each process reads only the
-samples of its own micro-batches.
+samples of its own micro-batches, with :func:`fastprocon.mapped.read_rows` (from the file, not
+through the map: the pages a map touches would stay in the process's resident set).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from fastprocon.data import (
     mix_examples,
     tokenize_chunk,
 )
-from fastprocon.mapped import ChunkWriter, MappedFile
+from fastprocon.mapped import ChunkWriter, MappedFile, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class TokenizedDataset(Sequence):
                  id_offsets: np.ndarray, *, info: dict | None = None, content_hash: str | None = None,
                  path: Path | None = None):
         self.tokens, self.id_bytes, self.id_offsets = tokens, id_bytes, id_offsets
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
+        self.offsets = _in_memory(offsets)
+        self.prompt_lengths = _in_memory(prompt_lengths)
         self.lengths = np.diff(self.offsets)
         self.n_response = self.lengths - self.prompt_lengths
         self.n_predicted = self.n_response - (self.prompt_lengths == 0)
@@ -95,7 +96,8 @@ class TokenizedDataset(Sequence):
         return len(self.prompt_lengths)
 
     def id(self, i: int) -> str:
-        return bytes(self.id_bytes[self.id_offsets[i]:self.id_offsets[i + 1]]).decode()
+        start, stop = read_rows(self.id_offsets, i, i + 2)
+        return read_rows(self.id_bytes, start, stop).tobytes().decode()
 
     def __getitem__(self, i: int | slice) -> TokenizedExample | list[TokenizedExample]:
         if isinstance(i, slice):   # a list of the samples (each materialised, as one index would)
@@ -105,7 +107,7 @@ class TokenizedDataset(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         i = int(i) % len(self)
-        input_ids = self.tokens[self.offsets[i]:self.offsets[i + 1]].tolist()
+        input_ids = read_rows(self.tokens, self.offsets[i], self.offsets[i + 1]).tolist()
         p = int(self.prompt_lengths[i])
         return TokenizedExample(self.id(i), input_ids, [IGNORE_INDEX] * p + input_ids[p:])
 
@@ -115,6 +117,12 @@ class TokenizedDataset(Sequence):
         if self._hash is None:
             self._hash = hash_sorted_examples(self[i] for i in sorted(range(len(self)), key=self.id))
         return self._hash
+
+
+def _in_memory(array) -> np.ndarray:
+    """An int64 in-memory copy of ``array`` (read from the file if it is a memory map)."""
+    array = read_rows(array, 0, len(array)) if isinstance(array, np.ndarray) else np.asarray(array)
+    return array.astype(np.int64, copy=False)
 
 
 def _offsets(lengths) -> np.ndarray:
@@ -305,13 +313,13 @@ def open_cache(path: Path, key: str | None = None) -> TokenizedDataset:
                          f"data file, tokenizer or setting); {hint}")
     tokens, offsets, prompt_lengths, id_bytes, id_offsets = arrays
     n = h.get("n_samples")
-    offsets = np.asarray(offsets)
+    offsets, prompt_lengths = _in_memory(offsets), _in_memory(prompt_lengths)   # kept by the dataset
     problems = [] if n == len(prompt_lengths) and offsets.shape == (n + 1,) and id_offsets.shape == (n + 1,) else [
         "sample counts differ"]
     if not problems:
         if offsets[0] != 0 or offsets[-1] != len(tokens) or id_offsets[0] != 0 or id_offsets[-1] != len(id_bytes):
             problems.append("offsets do not span the tokens / ids")
-        elif np.any(np.diff(offsets) <= np.asarray(prompt_lengths)) or np.any(np.diff(id_offsets) <= 0):
+        elif np.any(np.diff(offsets) <= prompt_lengths) or np.any(np.diff(_in_memory(id_offsets)) <= 0):
             problems.append("a sample with no response token or no id")
         elif not isinstance(h.get("dataset_hash"), str) or not isinstance(h.get("info"), dict):
             problems.append("header without dataset_hash / info")

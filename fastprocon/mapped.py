@@ -5,7 +5,11 @@ appends each tensor's rows to a raw file as they are made and assembles a standa
 file at the end (header, then the raw files copied in; written atomically through
 ``io.atomic_path``). :class:`MappedFile` opens one as numpy memory maps: a reader touches only
 the pages it slices (page cache, shared by the processes of a node) and nothing is copied or
-upcast until it asks. Files carry the typed header of ``io.save_safetensors`` (format, version,
+upcast until it asks. Per-sample reads (a micro-batch's tokens, its z0 rows) go through
+:func:`read_rows`, which reads the rows from the map's file with ``os.preadv`` instead of through
+the map: pages touched through a map stay in the process's resident set (with the kernel's
+fault-around, 64 KiB for every sample read), so random reads over a long run would grow every
+process by up to the file's size. Files carry the typed header of ``io.save_safetensors`` (format, version,
 metadata JSON), so ``io.read_safetensors`` and ``safetensors.safe_open`` read them too.
 """
 from __future__ import annotations
@@ -122,7 +126,49 @@ class ChunkWriter:
 def _memmap(path: Path, dtype, offset: int, shape: tuple) -> np.ndarray:
     if int(np.prod(shape)) == 0:          # mmap cannot map zero bytes
         return np.empty(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    array._source = _Source(path, offset)   # only this object has it: a slice of it is not row 0 at `offset`
+    return array
+
+
+class _Source:
+    """The file and byte offset behind a memory map made by :func:`_memmap`; the file is opened
+    on the first read (a forked process shares the descriptor: ``preadv`` has no file position)."""
+
+    def __init__(self, path: Path, offset: int):
+        self.path, self.offset, self._file = Path(path), int(offset), None
+
+    def read_into(self, start_byte: int, out: np.ndarray) -> None:
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)
+        view = memoryview(out).cast("B")
+        done = os.preadv(self._file.fileno(), [view], self.offset + start_byte)
+        while done < len(view):             # a short read: only at the end of a file cut short since it was mapped
+            n = os.preadv(self._file.fileno(), [view[done:]], self.offset + start_byte + done)
+            if n <= 0:
+                raise ValueError(f"{self.path}: file ends before byte {self.offset + start_byte + done} (truncated?)")
+            done += n
+
+
+def read_rows(array: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """A copy of ``array[start:stop]`` (rows along dim 0), written into ``out`` if given (C-
+    contiguous, that shape and dtype). For a memory map of this module's (``MappedFile.array``,
+    ``ChunkWriter.mapped``) the bytes are read from its file, not through the map, so no page of
+    the file stays in this process's resident set; any other array is sliced and copied."""
+    start, stop, n = int(start), int(stop), len(array)
+    if not 0 <= start <= stop <= n:
+        raise IndexError(f"rows {start}:{stop} out of range for {n} rows")
+    shape = (stop - start, *array.shape[1:])
+    if out is None:
+        out = np.empty(shape, array.dtype)
+    elif out.shape != shape or out.dtype != array.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous {array.dtype} {shape}, got {out.dtype} {out.shape}")
+    source = array.__dict__.get("_source") if type(array) is np.memmap else None
+    if source is None or stop == start:
+        out[...] = array[start:stop]
+    else:
+        source.read_into(start * (array.nbytes // n), out)
+    return out
 
 
 class MappedFile:

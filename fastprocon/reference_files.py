@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastprocon.mapped import ChunkWriter, MappedFile, to_torch
+from fastprocon.mapped import ChunkWriter, MappedFile, read_rows
 
 INDEX_FORMAT = "fastprocon.reference-index"
 SHARD_FORMAT = "fastprocon.reference-shard"
@@ -178,8 +178,16 @@ class Z0Files:
 
     def rows(self, pieces: list[tuple[int, int]]) -> torch.Tensor:
         """z0 rows of the samples (shard, row), concatenated: [sum n_i, n_layers] fp32 (only
-        these rows are read and upcast)."""
-        parts = [self._z0[s][self._offsets[s][r]:self._offsets[s][r + 1]] for s, r in pieces]
-        if not parts:
+        these rows are read and upcast; read from the files, not through the maps, so the
+        process keeps none of the pages: see :func:`fastprocon.mapped.read_rows`)."""
+        if not pieces:
             return torch.zeros(0, len(self.header["layers"]))
-        return to_torch(np.concatenate(parts), self._tag).float()
+        ranges = [(s, int(self._offsets[s][r]), int(self._offsets[s][r + 1])) for s, r in pieces]
+        z0 = self._z0[pieces[0][0]]
+        out = np.empty((sum(stop - start for _, start, stop in ranges), *z0.shape[1:]), z0.dtype)
+        at = 0
+        for s, start, stop in ranges:
+            read_rows(self._z0[s], start, stop, out[at:at + stop - start])
+            at += stop - start
+        t = torch.from_numpy(out)
+        return (t.view(torch.bfloat16) if self._tag == "BF16" else t).float()

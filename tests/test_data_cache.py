@@ -3,6 +3,7 @@ same samples, ids and hash as plain tokenization; reused; a new file when the da
 template or max_length change; corrupt or stale files named in one line."""
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -13,7 +14,7 @@ from fastprocon import data_cache
 from fastprocon.data import (IGNORE_INDEX, TokenizedExample, builtin_path, dataset_hash, load_examples, mix_examples,
                              tokenize_examples)
 from fastprocon.data_cache import TokenizedDataset, load_training_set, open_cache
-from fastprocon.mapped import ChunkWriter, MappedFile
+from fastprocon.mapped import ChunkWriter, MappedFile, read_rows
 from fastprocon.models import tiny_tokenizer
 from fastprocon.train.loss import example_counts
 
@@ -163,3 +164,39 @@ def test_chunk_writer_files_read_back_with_safetensors(tmp_path):
     assert not list(tmp_path.glob(".t.safetensors.*"))                  # part files removed
     with pytest.raises(ValueError, match="expected a other.kind file"):
         MappedFile(path, "other.kind")
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+def test_read_rows_equals_slices_and_keeps_no_mapped_pages(tmp_path):
+    """read_rows copies exactly what slicing gives, for maps (finished files and a writer's
+    parts, bf16 bits too) and plain arrays, and reads a map's file without mapping its pages."""
+    path = tmp_path / "r.safetensors"
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((32768, 256)).astype(np.float32)          # 32 MiB
+    bf = torch.randn(9, 4).bfloat16()
+    with ChunkWriter(path) as out:
+        out.append("z", z)
+        out.append("b", bf)
+        assert np.array_equal(read_rows(out.mapped("z"), 5, 9), z[5:9])
+        out.finish("test.kind", {})
+    f = MappedFile(path, "test.kind")
+    mz, mb = f.array("z"), f.array("b")
+    assert np.array_equal(read_rows(mb, 2, 7).view(np.int16), bf[2:7].view(torch.int16).numpy())
+    assert read_rows(mz, 3, 3).shape == (0, 256) and np.array_equal(read_rows(z, 1, 4), z[1:4])
+    buf = np.empty((10, 256), np.float32)
+    assert read_rows(mz, 32758, 32768, out=buf) is buf and np.array_equal(buf, z[-10:])
+    with pytest.raises(IndexError, match="out of range"):
+        read_rows(mz, 32760, 32769)
+    with pytest.raises(ValueError, match="out must be"):
+        read_rows(mz, 0, 2, out=buf)
+    if not os.path.exists("/proc/self/status"):
+        return
+    starts = rng.integers(0, 32768 - 4, 2000)
+    before = _rss_file()
+    for start in starts:
+        assert np.array_equal(read_rows(mz, start, start + 4), z[start:start + 4])
+    assert _rss_file() - before < 4 << 20         # through the map: up to the 32 MiB file (fault-around)

@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,24 @@ def test_gather_equals_the_recorded_pieces(setup, cache_file):
         for row, i in enumerate(group):
             assert torch.equal(got[:, row, mask[row]], by_id[tokenized[i].id])
     assert tokenized[0].id in cache and "nope" not in cache
+
+
+def test_gather_reads_the_stored_bits_every_time(setup, cache_file):
+    """Gather reads rows from the shard files (not through the maps): repeated and regrouped
+    gathers return the bits the memory-mapped shard holds."""
+    loaded, ds, tokenized = setup
+    cache = _load(cache_file, loaded, ds, tokenized)
+    files = cache.files
+    shards, rows, _ = files.locate([ex.id for ex in tokenized])
+    stored = {ex.id: torch.from_numpy(np.array(files._z0[s][files._offsets[s][r]:files._offsets[s][r + 1]])).T
+              for ex, s, r in zip(tokenized, shards.tolist(), rows.tolist())}
+    for group in ([3, 1], [1, 3, 8], [1, 3]):
+        for _ in range(2):
+            batch = collate([tokenized[i] for i in group], loaded.tokenizer.pad_token_id)
+            got = cache.gather(batch["ids"], batch["labels"])
+            mask = batch["labels"] != -100
+            for row, i in enumerate(group):
+                assert torch.equal(got[:, row, mask[row]], stored[tokenized[i].id])
 
 
 def test_layer_subset_and_bf16_storage(setup, cache_file, tmp_path):
