@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import random
+import re
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -112,11 +114,7 @@ def _read_rows(path: Path):
             if not line.strip():
                 continue
             where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                row = _BadRow(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
-            yield where, row
+            yield where, _jsonl_row(line, where)
         return
     try:
         rows = json.loads(text)
@@ -126,6 +124,122 @@ def _read_rows(path: Path):
         raise ValueError(f"{path}: a .json data file must hold a list of rows, got {type(rows).__name__}")
     for index, row in enumerate(rows):
         yield f"{path} item [{index}]", row
+
+
+def _jsonl_row(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return _BadRow(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+
+
+def _jsonl_lines(path: Path):
+    """Yield (line number, byte offset, text without the newline) of every line of a .jsonl file,
+    read one line at a time. Splits, numbers and decodes as :func:`_read_rows` does with the whole
+    text (a leading byte-order mark is skipped; a non-UTF-8 byte raises the same message, its
+    position counted in the whole file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path, "rb") as f:
+        base = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
+        f.seek(base)
+        offset = base
+        for number, raw in enumerate(f, start=1):     # a binary file splits after b"\n" only, as text.split("\n")
+            try:
+                line = raw.decode("utf-8")             # with its newline: an error reads as in the whole text
+            except UnicodeDecodeError as err:
+                start, end = err.start + offset - base, err.end + offset - base
+                what = (f"byte 0x{err.object[err.start]:02x} in position {start}" if end == start + 1
+                        else f"bytes in position {start}-{end - 1}")
+                raise ValueError(f"{path}: not UTF-8 text ('{err.encoding}' codec can't decode {what}: {err.reason}); "
+                                 "save it as UTF-8") from None
+            yield number, offset, line[:-1] if line.endswith("\n") else line
+            offset += len(raw)
+
+
+class RowScan:
+    """The valid rows of a .jsonl file, found by one streamed pass (:func:`scan_jsonl`) that keeps
+    16 bytes a row (the line's offset and its id's 48-bit digest), not the rows:
+    ``examples(rows)`` reads those rows again (as :func:`load_examples_report` would give them,
+    ids suffixed the same way), ``has_id`` tells whether one of its ids is a given string."""
+
+    def __init__(self, path: Path, offsets: np.ndarray, keys: np.ndarray, n_rows: int, n_skipped: int,
+                 first_skipped: str | None):
+        self.path, self.offsets, self.keys = path, offsets, keys
+        self.n_rows, self.n_skipped, self.first_skipped = n_rows, n_skipped, first_skipped
+        # the k-th earlier row with the same id gets "#k" (as _dedup_ids: within one file an id with a
+        # suffix never equals one without, since ids end in 12 hex digits)
+        order = np.argsort(keys, kind="stable")
+        self._sorted_keys = keys[order]
+        new = np.ones(len(keys), bool)
+        new[1:] = self._sorted_keys[1:] != self._sorted_keys[:-1]
+        position = np.arange(len(keys))
+        self.occurrence = np.empty(len(keys), np.int64)
+        self.occurrence[order] = position - np.maximum.accumulate(np.where(new, position, 0))
+        self._id = re.compile(re.escape(path.stem) + r":([0-9a-f]{12})(?:#([1-9][0-9]*))?")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def has_id(self, candidate: str) -> bool:
+        m = self._id.fullmatch(candidate)
+        if m is None:
+            return False
+        key = int(m[1], 16)
+        count = np.searchsorted(self._sorted_keys, key, "right") - np.searchsorted(self._sorted_keys, key, "left")
+        return int(count) > int(m[2] or 0)
+
+    def examples(self, rows) -> list[Example]:
+        """The examples of valid rows ``rows`` (indices, in this order), read from the file."""
+        out: list = [None] * len(rows)
+        rows = np.asarray(rows, np.int64)
+        with open(self.path, "rb") as f:
+            for j in np.argsort(self.offsets[rows], kind="stable"):      # read forward through the file
+                i = int(rows[j])
+                f.seek(int(self.offsets[i]))
+                where = f"{self.path} (row {i})"
+                try:
+                    line = f.readline().decode("utf-8")
+                    system, prompt, response = _parse_example_row(_jsonl_row(line.rstrip("\n"), where), where)
+                except (UnicodeDecodeError, _BadRow):
+                    system = prompt = response = None
+                base = _content_id(self.path.stem, system, prompt, response)
+                if prompt is None or int(base[-12:], 16) != self.keys[i]:
+                    raise ValueError(f"{self.path} changed while it was being read; start again")
+                k = int(self.occurrence[i])
+                out[j] = Example(base if k == 0 else f"{base}#{k}", prompt, response, system)
+        return out
+
+
+def scan_jsonl(path: str | Path, *, skip_bad_rows: bool = False) -> RowScan:
+    """:func:`load_examples_report` of a .jsonl file, streamed: the same errors (the first bad row
+    names the file and line, unless ``skip_bad_rows``; a non-UTF-8 byte anywhere is reported
+    first, as when the whole file is decoded at once), but what it keeps is a :class:`RowScan`."""
+    path = Path(path)
+    offsets, keys = array("q"), array("q")
+    n_rows, n_skipped, first_skipped = 0, 0, None
+    lines = _jsonl_lines(path)
+    for number, offset, line in lines:
+        if not line.strip():
+            continue
+        n_rows += 1
+        where = f"{path} line {number}"
+        try:
+            system, prompt, response = _parse_example_row(_jsonl_row(line, where), where)
+        except _BadRow as err:
+            if not skip_bad_rows:
+                for _ in lines:      # the rest is still decoded: a non-UTF-8 byte later wins, as in _read_rows
+                    pass
+                raise ValueError(str(err)) from None
+            n_skipped += 1
+            first_skipped = first_skipped or str(err)
+            continue
+        offsets.append(offset)
+        keys.append(int(_content_id(path.stem, system, prompt, response)[-12:], 16))
+    if not offsets:
+        raise ValueError(f"{path}: no valid rows ({n_rows} read, {n_skipped} bad)")
+    return RowScan(path, np.frombuffer(offsets, np.int64), np.frombuffer(keys, np.int64), n_rows, n_skipped,
+                   first_skipped)
 
 
 def _text_field(row: dict, key: str, where: str, *, required: bool = True, allow_empty: bool = False) -> str:
@@ -270,6 +384,28 @@ def mix_examples(primary: list[Example], extra: list[Example], k: int, seed: int
     mixed = _dedup_ids(list(primary) + rng.sample(list(extra), k))
     rng.shuffle(mixed)
     return mixed
+
+
+def mix_order(n_primary: int, primary_has_id, extra: list[Example], k: int, seed: int) -> tuple[np.ndarray, list[Example]]:
+    """:func:`mix_examples` without the primary list: -> (order, picked) with
+    ``mix_examples(primary, extra, k, seed)[i]`` equal to ``primary[order[i]]`` where
+    ``order[i] < n_primary``, else ``picked[order[i] - n_primary]``. ``primary_has_id(s)`` tells
+    whether a primary id equals ``s`` (the primary ids must be unique, as the loaders make them).
+    Keeps 8 bytes a sample: the same random draws on an index array."""
+    if not 0 <= k <= len(extra):
+        raise ValueError(f"cannot mix in k={k} examples from a set of {len(extra)}: need 0 <= k <= {len(extra)}")
+    rng = random.Random(seed)
+    picked, used = [], set()
+    for ex in rng.sample(list(extra), k):          # _dedup_ids after the (already unique) primary ids
+        candidate, count = ex.id, 0
+        while candidate in used or primary_has_id(candidate):
+            count += 1
+            candidate = f"{ex.id}#{count}"
+        used.add(candidate)
+        picked.append(ex if count == 0 else Example(candidate, ex.prompt, ex.response, ex.system))
+    order = array("q", range(n_primary + k))
+    rng.shuffle(order)                             # the same swaps as on the list of examples
+    return np.frombuffer(order, np.int64), picked
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ data file's content (sha256) and stem (sample ids carry it), the tokenizer (its 
 vocabulary/merges, class, special tokens), the chat template, ``max_length``,
 ``drop_overlong_prompts``, the layout version and the caller's settings (bad-row skipping, the
 safety mix and its seed). On a miss the set is tokenized by :func:`fastprocon.data.tokenize_chunk`
-in chunks and written atomically; under torch.distributed rank 0 builds while the others wait
+in chunks and written atomically (a .jsonl file is streamed: one pass validates it and keeps 16
+bytes a row, line offset and id digest, then each chunk's rows are read again, so the build
+holds one chunk of rows, not the data set; the file it writes is the one the whole-list build
+wrote, byte for byte); under torch.distributed rank 0 builds while the others wait
 on the process group's store (no collective, so no collective timeout however long it takes;
 an error reaches every rank), and a rank that still does not see the file (a cache directory
 local to each node) builds its own copy. A hit costs a hash of the data files and a few maps.
@@ -42,7 +45,8 @@ from fastprocon.data import (
     check_overlong,
     hash_sorted_examples,
     load_examples_report,
-    mix_examples,
+    mix_order,
+    scan_jsonl,
     tokenize_chunk,
 )
 from fastprocon.mapped import ChunkWriter, MappedFile, read_rows
@@ -115,8 +119,20 @@ class TokenizedDataset(Sequence):
     def hash(self) -> str:
         """sha256 over (id, input_ids, labels) of every sample in id order (see data.dataset_hash)."""
         if self._hash is None:
-            self._hash = hash_sorted_examples(self[i] for i in sorted(range(len(self)), key=self.id))
+            self._hash = hash_sorted_examples(self[int(i)] for i in self._id_order())
         return self._hash
+
+    def _id_order(self) -> np.ndarray:
+        """``sorted(range(len(self)), key=self.id)`` as a numpy argsort of the UTF-8 ids (their byte
+        order is the code-point order; ids hold no NUL): about (longest id) bytes a sample."""
+        n, id_offsets = len(self), _in_memory(self.id_offsets)
+        ids = np.zeros(n, f"S{max(int(np.diff(id_offsets).max(initial=1)), 1)}")
+        for a in range(0, n, CHUNK):
+            b = min(a + CHUNK, n)
+            start = int(id_offsets[a])
+            buf = read_rows(self.id_bytes, start, int(id_offsets[b])).tobytes()
+            ids[a:b] = [buf[int(id_offsets[i]) - start:int(id_offsets[i + 1]) - start] for i in range(a, b)]
+        return np.argsort(ids, kind="stable")
 
 
 def _in_memory(array) -> np.ndarray:
@@ -149,7 +165,7 @@ def data_cache_dir() -> Path:
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):     # 1 MiB: a 16 MiB block was most of a streamed build's peak
             digest.update(block)
     return digest.hexdigest()
 
@@ -242,18 +258,27 @@ def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: 
         sources.append(Path(safety))
         settings.update(safety_samples=int(safety_samples), seed=int(seed))
 
-    def make_examples() -> tuple[list[Example], dict]:
-        reports = [load_examples_report(p, skip_bad_rows=skip_bad_rows) for p in sources]
-        examples = reports[0].examples
+    def make_examples() -> tuple[Sequence[Example], dict]:
+        # a .jsonl file is streamed (a RowScan keeps 16 bytes a row; build_cache reads CHUNK rows at a
+        # time); a .json list is parsed whole, as before. The small safety set is held in memory.
+        if sources[0].suffix == ".jsonl":
+            primary = scan_jsonl(sources[0], skip_bad_rows=skip_bad_rows)
+        else:
+            primary = _InMemory(load_examples_report(sources[0], skip_bad_rows=skip_bad_rows))
+        n_rows, n_skipped, first_skipped = primary.n_rows, primary.n_skipped, primary.first_skipped
+        examples = _Streamed(primary)
         if safety_samples > 0:
-            if safety_samples > len(reports[1].examples):
+            extra = load_examples_report(sources[1], skip_bad_rows=skip_bad_rows)
+            if safety_samples > len(extra.examples):
                 raise ValueError(f"safety_samples = {safety_samples} but {sources[1].stem} has only "
-                                 f"{len(reports[1].examples)} examples ({sources[1]})")
-            examples = mix_examples(examples, reports[1].examples, safety_samples, seed)
-        skipped = [message for r in reports for message in r.skipped]
-        return examples, {"n_rows": sum(r.n_rows for r in reports), "n_primary": len(reports[0].examples),
-                          "n_examples": len(examples), "n_skipped": len(skipped),
-                          "first_skipped": skipped[0] if skipped else None}
+                                 f"{len(extra.examples)} examples ({sources[1]})")
+            examples = _Streamed(primary, *mix_order(len(primary), primary.has_id, extra.examples, safety_samples,
+                                                     seed))
+            n_rows += extra.n_rows
+            n_skipped += len(extra.skipped)
+            first_skipped = first_skipped or (extra.skipped[0] if extra.skipped else None)
+        return examples, {"n_rows": n_rows, "n_primary": len(primary), "n_examples": len(examples),
+                          "n_skipped": n_skipped, "first_skipped": first_skipped}
 
     data = load_tokenized(sources, make_examples, tokenizer, max_length, drop_overlong_prompts=drop_overlong_prompts,
                           settings=settings, cache_dir=cache_dir)
@@ -263,9 +288,51 @@ def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: 
     return data
 
 
-def build_cache(path: Path, key: str, parts: dict, make_examples: Callable[[], tuple[list[Example], dict]],
+class _InMemory:
+    """A :class:`fastprocon.data.LoadReport` (a .json list, parsed whole) as a RowScan."""
+
+    def __init__(self, report):
+        self._examples, self.n_rows, self.n_skipped = report.examples, report.n_rows, len(report.skipped)
+        self.first_skipped = report.skipped[0] if report.skipped else None
+        self._ids = None
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def has_id(self, candidate: str) -> bool:
+        if self._ids is None:
+            self._ids = {ex.id for ex in self._examples}
+        return candidate in self._ids
+
+    def examples(self, rows) -> list[Example]:
+        return [self._examples[int(i)] for i in rows]
+
+
+class _Streamed:
+    """The examples list that make_examples used to return, read ``CHUNK`` at a time: sample i is
+    primary row ``order[i]`` (or ``picked[order[i] - len(primary)]``), row i when no order."""
+
+    def __init__(self, primary, order: np.ndarray | None = None, picked: list[Example] = ()):
+        self.primary, self.order, self.picked = primary, order, list(picked)
+
+    def __len__(self) -> int:
+        return len(self.primary) if self.order is None else len(self.order)
+
+    def __getitem__(self, part: slice) -> list[Example]:
+        if not isinstance(part, slice):
+            raise TypeError("read the examples by slices")
+        rows = np.arange(*part.indices(len(self))) if self.order is None else self.order[part]
+        n = len(self.primary)
+        mine = rows < n
+        read = iter(self.primary.examples(rows[mine]))
+        return [next(read) if own else self.picked[int(r) - n] for r, own in zip(rows, mine)]
+
+
+def build_cache(path: Path, key: str, parts: dict, make_examples: Callable[[], tuple[Sequence[Example], dict]],
                 tokenizer, max_length: int, drop_overlong_prompts: bool) -> int:
-    """Tokenize ``make_examples()`` chunk by chunk into the cache file ``path``; returns its bytes."""
+    """Tokenize ``make_examples()`` chunk by chunk into the cache file ``path``; returns its bytes.
+    The examples may be any sequence that gives ``len`` and lists for slices (a list, or
+    load_training_set's file reader): only one chunk of them is held at a time."""
     examples, info = make_examples()
     n_truncated, overlong, n_tokens, n_id_bytes = 0, [], 0, 0
     logger.info("tokenizing %d examples into %s", len(examples), path)

@@ -1,6 +1,7 @@
 """The tokenized-data cache (fastprocon/data_cache.py) and the mapped safetensors files under it:
 same samples, ids and hash as plain tokenization; reused; a new file when the data, tokenizer,
 template or max_length change; corrupt or stale files named in one line."""
+import datetime
 import json
 import logging
 import os
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from fastprocon import data_cache
-from fastprocon.data import (IGNORE_INDEX, TokenizedExample, builtin_path, dataset_hash, load_examples, mix_examples,
-                             tokenize_examples)
+from fastprocon.data import (IGNORE_INDEX, TokenizedExample, builtin_path, dataset_hash, load_examples,
+                             load_examples_report, mix_examples, tokenize_examples)
 from fastprocon.data_cache import TokenizedDataset, load_training_set, open_cache
 from fastprocon.mapped import ChunkWriter, MappedFile, read_rows
 from fastprocon.models import tiny_tokenizer
@@ -200,3 +201,140 @@ def test_read_rows_equals_slices_and_keeps_no_mapped_pages(tmp_path):
     for start in starts:
         assert np.array_equal(read_rows(mz, start, start + 4), z[start:start + 4])
     assert _rss_file() - before < 4 << 20         # through the map: up to the 32 MiB file (fault-around)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed build (a .jsonl file read chunk by chunk) writes what the whole-list build wrote
+# ---------------------------------------------------------------------------------------------
+
+def _whole_list_examples(sources, skip_bad_rows, safety_samples, seed):
+    """make_examples as load_training_set had it before the build streamed (the whole list)."""
+    def make_examples():
+        reports = [load_examples_report(p, skip_bad_rows=skip_bad_rows) for p in sources]
+        examples = reports[0].examples
+        if safety_samples > 0:
+            examples = mix_examples(examples, reports[1].examples, safety_samples, seed)
+        skipped = [message for r in reports for message in r.skipped]
+        return examples, {"n_rows": sum(r.n_rows for r in reports), "n_primary": len(reports[0].examples),
+                          "n_examples": len(examples), "n_skipped": len(skipped),
+                          "first_skipped": skipped[0] if skipped else None}
+    return make_examples
+
+
+class _FixedTime(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+
+
+def _odd_rows(path, extra=()):
+    good = ROWS[:12] + [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello."}]},
+                        {"prompt": "long " * 10, "completion": "short " * 40},     # truncated at 160
+                        {"prompt": "p" * 300, "completion": "c"},                 # dropped (prompt too long)
+                        {"question": "q?", "answer": "long answer " * 50}]           # truncated
+    lines = ["\ufeff" + json.dumps(good[0])] + [json.dumps(r) for r in good[1:6]] + [
+        "{not json", "", "   ", json.dumps({"instruction": "x"}), json.dumps({"instruction": 3, "output": "y"}),
+        json.dumps(good[6]) + "\r"] + [json.dumps(r) for r in good[7:]] + [json.dumps(good[2])] * 3 + [
+        json.dumps(r) for r in extra] + ["[1, 2]"]
+    path.write_bytes("\n".join(lines).encode())          # no newline after the last line
+    return path
+
+
+@pytest.mark.parametrize("mix", [0, 5, 7])
+def test_streamed_build_writes_the_whole_list_builds_file_byte_for_byte(tmp_path, tok, monkeypatch, mix):
+    """Bad rows skipped, empty lines, a byte-order mark, CR, repeated rows (#n ids), truncated rows,
+    the safety mix; mix=7: a safety file with the same stem sharing rows (ids collide across files)."""
+    monkeypatch.setattr(data_cache, "datetime", _FixedTime)
+    monkeypatch.setattr(data_cache, "CHUNK", 4)                 # several chunks, with and without the mix
+    data = _odd_rows(tmp_path / "rows.jsonl")
+    if mix == 7:
+        (tmp_path / "s").mkdir()
+        safety = _odd_rows(tmp_path / "s" / "rows.jsonl", extra=ROWS[30:34])
+    else:
+        safety = builtin_path("safety")
+    kwargs = dict(skip_bad_rows=True, safety=safety, safety_samples=mix, seed=3)
+    new = load_training_set(data, tok, 160, cache_dir=tmp_path / "new", drop_overlong_prompts=True, **kwargs)
+    sources, settings = [data], {"skip_bad_rows": True}
+    if mix:
+        sources.append(safety)
+        settings.update(safety_samples=mix, seed=3)
+    old = data_cache.load_tokenized(sources, _whole_list_examples(sources, True, mix, 3), tok, 160,
+                                    drop_overlong_prompts=True, settings=settings, cache_dir=tmp_path / "old")
+    assert new.path.name == old.path.name and new.path.read_bytes() == old.path.read_bytes()
+    assert new.info["n_skipped"] == (4 if mix != 7 else 8) and new.info["n_truncated"] >= 2
+    assert new.info["first_skipped"].startswith(f"{data} line 7: invalid JSON")
+    if mix == 7:
+        ids = [new.id(i) for i in range(len(new))]
+        assert len(set(ids)) == len(ids) and sum("#" in i for i in ids) > 3    # safety rows renamed past the primary's
+    with pytest.raises(ValueError, match=re.escape(f"{data} line 7: invalid JSON")):
+        load_training_set(data, tok, 160, cache_dir=tmp_path / "new")
+
+
+def test_streamed_scan_errors_equal_the_whole_file_reads(tmp_path):
+    from fastprocon.data import scan_jsonl
+
+    def both(content: bytes, **kw):
+        path = tmp_path / "e.jsonl"
+        path.write_bytes(content)
+        errors = []
+        for load in (load_examples_report, scan_jsonl):
+            with pytest.raises(ValueError) as err:
+                load(path, **kw)
+            errors.append(str(err.value))
+        assert errors[0] == errors[1]
+        return errors[0]
+
+    row = json.dumps(ROWS[0]).encode()
+    assert "line 2: missing field" in both(row + b'\n{"instruction": "x"}\n' + row)
+    assert "no valid rows (2 read, 2 bad)" in both(b"[]\n\n{\n", skip_bad_rows=True)
+    for bad in (b"\xff", b"\xe2\x82\n" + row, b"\xe2\x82"):        # the last: at the end of the file
+        assert "not UTF-8 text" in both(b"\xef\xbb\xbf" + row + b"\n{bad\n" + row + bad)
+        assert "not UTF-8 text" in both(row + b"\n" + row[:9] + bad, skip_bad_rows=True)
+
+
+def test_streamed_build_memory_is_bounded_by_the_chunk_not_the_file(tmp_path, monkeypatch):
+    """The build's peak resident growth (VmHWM, reset through /proc/self/clear_refs, as
+    benchmarks/bench_data.py measures it) stays far below the file's size: the whole-list build
+    held at least the file's decoded text and every parsed row (> 2x the file)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("no /proc/self/clear_refs to reset the peak resident set")
+
+    class CountTokenizer:           # one token a text: the test measures the rows, not a tokenizer
+        chat_template, special_tokens_map, eos_token_id = "count", {}, 1
+
+        def get_vocab(self):
+            return {"<eos>": 1}
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+            return text + "<assistant>" if add_generation_prompt else text
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[2 + len(t) % 50] for t in texts]}
+
+    data = tmp_path / "big.jsonl"
+    filler = "lorem ipsum dolor sit amet " * 75     # ~4 kB a row, 78 MiB: the whole-list build peaked at +241 MiB
+                                                     # here, the streamed one at +2.4 MiB (CHUNK 256; 38 MiB at 4096)
+    with data.open("w") as f:
+        for i in range(20_000):
+            f.write(json.dumps({"instruction": f"Question {i}: {filler}", "output": f"{i} {filler}"}) + "\n")
+    size = data.stat().st_size
+    monkeypatch.setattr(data_cache, "CHUNK", 256)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    load_training_set(small, CountTokenizer(), 64, cache_dir=tmp_path / "cache")     # imports done before measuring
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    ds = load_training_set(data, CountTokenizer(), 64, cache_dir=tmp_path / "cache")
+    growth = status("VmHWM") - before
+    assert len(ds) == 20_000 and ds.id(19_999).startswith("big:")
+    assert growth < size / 8, f"peak grew {growth / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB file"
