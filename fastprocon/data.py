@@ -159,7 +159,8 @@ def _jsonl_lines(path: Path):
 
 class RowScan:
     """The valid rows of a .jsonl file, found by one streamed pass (:func:`scan_jsonl`) that keeps
-    16 bytes a row (the line's offset and its id's 48-bit digest), not the rows:
+    16 bytes a row (the line's offset and its id's 48-bit digest), not the rows (32 bytes a row
+    with the sorted digests and the "#k" suffix numbers made from them):
     ``examples(rows)`` reads those rows again (as :func:`load_examples_report` would give them,
     ids suffixed the same way), ``has_id`` tells whether one of its ids is a given string."""
 

@@ -5,8 +5,8 @@ data file's content (sha256) and stem (sample ids carry it), the tokenizer (its 
 vocabulary/merges, class, special tokens), the chat template, ``max_length``,
 ``drop_overlong_prompts``, the layout version and the caller's settings (bad-row skipping, the
 safety mix and its seed). On a miss the set is tokenized by :func:`fastprocon.data.tokenize_chunk`
-in chunks and written atomically (a .jsonl file is streamed: one pass validates it and keeps 16
-bytes a row, line offset and id digest, then each chunk's rows are read again, so the build
+in chunks and written atomically (a .jsonl file is streamed: one pass validates it and keeps 32
+bytes a row, line offset, id digest and what the id suffixes need, then each chunk's rows are read again, so the build
 holds one chunk of rows, not the data set; the file it writes is the one the whole-list build
 wrote, byte for byte); under torch.distributed rank 0 builds while the others wait
 on the process group's store (no collective, so no collective timeout however long it takes;
@@ -259,7 +259,7 @@ def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: 
         settings.update(safety_samples=int(safety_samples), seed=int(seed))
 
     def make_examples() -> tuple[Sequence[Example], dict]:
-        # a .jsonl file is streamed (a RowScan keeps 16 bytes a row; build_cache reads CHUNK rows at a
+        # a .jsonl file is streamed (a RowScan keeps 32 bytes a row, the mix order 8 more; build_cache reads CHUNK rows at a
         # time); a .json list is parsed whole, as before. The small safety set is held in memory.
         if sources[0].suffix == ".jsonl":
             primary = scan_jsonl(sources[0], skip_bad_rows=skip_bad_rows)
