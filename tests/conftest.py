@@ -17,3 +17,30 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def second_step_gradients(cfg):
+    """A tiny-model Trainer on ``cfg``: one optimizer step, then step 2's gradients accumulated
+    without stepping (works on one process or under torchrun).
+
+    -> (CE/ProCon sums of step 2 summed over processes, full gradients by parameter name,
+        micro-batches of step 2 on this process, packed rows of step 2 on this process)
+    """
+    from fastprocon.train import Trainer
+    from fastprocon.train import distributed as D
+
+    ctx = D.init_distributed("cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        with trainer.hooks.installed():
+            trainer.step(0)
+            trainer._reset_interval()
+            trainer.accumulate_gradients(1)
+        grads = {n.replace("._orig_mod", ""): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 .clone() for n, p in trainer.model.named_parameters()}
+        result = (D.all_reduce_sum(trainer._acc.clone()), grads, len(trainer.batches.micro_batches(1)),
+                  len(trainer.batches.rows(1)))
+        del trainer                   # before the group goes (see D.shutdown)
+    finally:
+        D.shutdown(ctx)
+    return result

@@ -19,6 +19,8 @@ from fastprocon.train.chunked_ce import HAS_LINEAR_CE, linear_ce_sum
 from fastprocon.train.loss import shift_labels
 from fastprocon.train.metrics import training_flops
 
+from conftest import second_step_gradients
+
 
 def test_plan_rows_keeps_every_sample_once_within_capacity():
     gen = torch.Generator().manual_seed(0)
@@ -143,19 +145,8 @@ def second_step(run_dir, assets, extra) -> tuple[torch.Tensor, dict, int]:
     would differ between any two exact-up-to-rounding computations)."""
     cfg = load_config("tiny", [f"run_dir={run_dir}", *assets, "norm=l2sq", "alpha=1.0", "resume=never",
                                "export=false", *extra])
-    ctx = D.init_distributed("cpu")
-    try:
-        trainer = Trainer(cfg, ctx)
-        with trainer.hooks.installed():
-            trainer.step(0)
-            trainer._reset_interval()
-            trainer.accumulate_gradients(1)
-        grads = {n.replace("._orig_mod", ""): p.grad.full_tensor().clone() for n, p in trainer.model.named_parameters()}
-        result = trainer._acc.clone(), grads, len(trainer.batches.micro_batches(1))
-        del trainer
-    finally:
-        D.shutdown(ctx)
-    return result
+    sums, grads, micro_batches, _ = second_step_gradients(cfg)
+    return sums, grads, micro_batches
 
 
 def test_packed_chunked_and_compiled_steps_equal_the_padded_full_logits_step(assets, tmp_path, monkeypatch):

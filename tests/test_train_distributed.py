@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import second_step_gradients
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -112,28 +114,14 @@ PACKING = {"packed": ["packing=on", "tokens_per_micro_batch=200"], "padded": ["p
 
 def gradient_worker(out: str, run_dir: str, assets: str, packing: str) -> None:
     """One optimizer step, then the gradients of the second step (full tensors) -> ``out``."""
-    from fastprocon.train import Trainer, load_config
-    from fastprocon.train import distributed as D
+    from fastprocon.train import load_config
 
     cfg = load_config("tiny", [f"run_dir={run_dir}", f"procon.directions={assets}/directions.safetensors",
                                f"procon.reference_cache={assets}/reference.safetensors", *GRAD_OVERRIDES,
                                *PACKING[packing]])
-    ctx = D.init_distributed("cpu")
-    try:
-        trainer = Trainer(cfg, ctx)
-        with trainer.hooks.installed():
-            trainer.step(0)
-            trainer._reset_interval()
-            trainer.accumulate_gradients(1)
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                 for n, p in trainer.model.named_parameters()}
-        sums = D.all_reduce_sum(trainer._acc.clone())
-        if ctx.is_main:
-            torch.save({"grads": grads, "sums": sums, "accum": len(trainer.batches.micro_batches(1)),
-                        "rows": len(trainer.batches.rows(1))}, out)
-        del trainer                   # before the group goes (see D.shutdown)
-    finally:
-        D.shutdown(ctx)
+    sums, grads, accum, rows = second_step_gradients(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"grads": grads, "sums": sums, "accum": accum, "rows": rows}, out)
 
 
 @pytest.mark.parametrize("packing", ["packed", "padded"])
