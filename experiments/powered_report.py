@@ -29,6 +29,8 @@ from stats import mean_std, recovery, welch_t  # noqa: E402
 VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_wu_safe_token")
 PROCON = [v for v in VARIANTS if v.startswith("procon")]
 TASK_LOSS_SLACK = 0.05   # the headline compares at task loss within 5% of IFT's
+DEFAULT_VARIANT = "procon_wu_safe"   # what `fastprocon train` runs by default (fastprocon/configs/default.toml)
+T_CONSISTENT = 2.78      # Welch t for "consistently better": the two-sided 5% quantile at 4 degrees of freedom
 
 
 def load_cells(results: Path) -> dict[str, dict]:
@@ -69,18 +71,41 @@ def variant_rows(cells: dict, seeds: list[int], variants: list[str]) -> list[dic
     return rows
 
 
-def choose_on_validation(rows: list[dict]) -> dict | None:
-    """The ProCon variant with the lowest mean validation ASR among those whose mean test CE is
-    within 5% of IFT's (CE is the task measure, not tuned on; ASR is chosen on validation only)."""
+def validation_error(cell: dict) -> float:
+    """Validation ASR + validation over-refusal: both failure modes, so refusing everything cannot win."""
+    return metric(cell, "asr_val") + metric(cell, "over_refusal_val")
+
+
+def choose_on_validation(rows: list[dict], cells: dict, seeds: list[int]) -> dict | None:
+    """The ProCon variant with the lowest mean validation error (ASR + over-refusal) among those whose
+    mean test CE is within 5% of IFT's (CE is the task measure, not tuned on; only validation
+    prompts choose). It should replace the default only when consistently better: a validation
+    error below DEFAULT_VARIANT's by Welch t <= -T_CONSISTENT over seeds."""
     by = {r["variant"]: r for r in rows}
     if "ift" not in by or by["ift"]["ce"][0] is None:
         return None
     limit = by["ift"]["ce"][0] * (1 + TASK_LOSS_SLACK)
-    eligible = [r for r in rows if r["variant"] in PROCON and r["asr_val"][0] is not None and r["ce"][0] <= limit]
+    errors = {v: [validation_error(cells[f"{v}_s{s}"]) for s in seeds if f"{v}_s{s}" in cells]
+              for v in PROCON if v in by}
+    eligible = [v for v, e in errors.items() if e and by[v]["ce"][0] <= limit]
     if not eligible:
         return {"chosen": None, "ce_limit": limit}
-    best = min(eligible, key=lambda r: r["asr_val"][0])
-    return {"chosen": best["variant"], "ce_limit": limit, "asr_val": best["asr_val"], "asr_test": best["asr_test"]}
+    best = min(eligible, key=lambda v: (mean_std(errors[v])[0], v != DEFAULT_VARIANT))   # a tie keeps the default
+    out = {"chosen": best, "ce_limit": limit, "error_val": mean_std(errors[best]), "asr_test": by[best]["asr_test"],
+           "over_refusal_test": by[best]["over_refusal_test"], "default": DEFAULT_VARIANT, "t_vs_default": None}
+    if best == DEFAULT_VARIANT:
+        out["verdict"] = "the default is the chosen setting"
+    elif not errors.get(DEFAULT_VARIANT):
+        out["verdict"] = f"the default ({DEFAULT_VARIANT}) has no cells: no comparison"
+    else:
+        t = welch_t(errors[best], errors[DEFAULT_VARIANT])
+        out["t_vs_default"] = None if t is None else round(t, 2)
+        better = t is not None and t <= -T_CONSISTENT
+        out["verdict"] = (f"consistently better than the default {DEFAULT_VARIANT} (Welch t {out['t_vs_default']}): "
+                          "make it the default" if better else
+                          f"not consistently better than the default {DEFAULT_VARIANT} (Welch t "
+                          f"{out['t_vs_default']}, needs <= -{T_CONSISTENT}): keep the default")
+    return out
 
 
 def _pm(ms: tuple, spec: str = ".1%") -> str:
@@ -104,30 +129,35 @@ def table_markdown(cells: dict, rows: list[dict], choice: dict | None, seeds: li
              f"{n['asr_val']} / {n['over_refusal_val']}, GSM8K test CE over "
              f"{any_cell['eval']['gsm8k_test_ce']['n_examples']} rows.", "",
              "| variant | seeds | ASR test | over-refusal test | GSM8K test CE | recovery | drift cos (mean layer) "
-             "| mean abs(z - z0) | ASR val |", "|---|---|---|---|---|---|---|---|---|"]
+             "| mean abs(z - z0) | ASR val | over-refusal val |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("base", "aligned"):
         if name in cells:
             c = cells[name]
             lines.append(f"| {name} | - | {_ci(c, 'asr_test')} | {_ci(c, 'over_refusal_test')} | "
-                         f"{metric(c, 'ce'):.4f} | - | - | - | {metric(c, 'asr_val'):.1%} |")
+                         f"{metric(c, 'ce'):.4f} | - | - | - | {metric(c, 'asr_val'):.1%} | "
+                         f"{metric(c, 'over_refusal_val'):.1%} |")
     for r in rows:
         seeds_txt = f"{len(r['seeds'])}" + (f" (missing {', '.join(r['missing'])})" if r["missing"] else "")
         lines.append(f"| {r['variant']} | {seeds_txt} | {_pm(r['asr_test'])} | {_pm(r['over_refusal_test'])} | "
                      f"{_pm(r['ce'], '.4f')} | {_pm(r.get('recovery', (None, None)), '.2f')} | "
-                     f"{_pm(r['drift_cos'], '.4f')} | {_pm(r['projection_dev'], '.3f')} | {_pm(r['asr_val'])} |")
+                     f"{_pm(r['drift_cos'], '.4f')} | {_pm(r['projection_dev'], '.3f')} | {_pm(r['asr_val'])} | "
+                     f"{_pm(r['over_refusal_val'])} |")
     lines += ["", "Mean ± standard deviation over seeds. ASR: share of held-out harmful prompts answered without a "
               "refusal phrase (greedy, substring rule); over-refusal: share of harmless prompts refused; recovery = "
               "(ASR_IFT - ASR) / (ASR_IFT - ASR_aligned) on the test set; drift cosine and |z - z0| from the last "
               "live probe (train/probe.py, validation prompts, first training rows).", ""]
     if choice:
-        lines.append(f"Chosen on validation (lowest validation ASR among ProCon variants with GSM8K CE within "
-                     f"{TASK_LOSS_SLACK:.0%} of IFT's, limit {choice['ce_limit']:.4f}): "
-                     + (f"**{choice['chosen']}**, validation ASR {_pm(choice['asr_val'])}, test ASR "
-                        f"{_pm(choice['asr_test'])}." if choice["chosen"] else "none qualifies."))
+        lines.append(f"Chosen on validation (lowest validation ASR + over-refusal among ProCon variants with GSM8K "
+                     f"CE within {TASK_LOSS_SLACK:.0%} of IFT's, limit {choice['ce_limit']:.4f}): "
+                     + (f"**{choice['chosen']}**, validation error {_pm(choice['error_val'])}; on the test split "
+                        f"ASR {_pm(choice['asr_test'])}, over-refusal {_pm(choice['over_refusal_test'])}; "
+                        f"{choice['verdict']}." if choice["chosen"] else "none qualifies."))
     for name, c in compare.items():
-        lines.append(f"- {name}: test ASR difference {c['asr_diff']:+.1%} (Welch t {c['t']}), over-refusal "
-                     f"{c['over_refusal_diff']:+.1%}, CE {c['ce_diff']:+.4f}.")
-    lines += ["", "Per cell (Wilson 95% intervals):", "",
+        lines.append(f"- {name}: test ASR {c['asr_diff']:+.1%} (Welch t {c['asr_t']}), over-refusal "
+                     f"{c['over_refusal_diff']:+.1%} (t {c['over_refusal_t']}), CE {c['ce_diff']:+.4f} (t {c['ce_t']}).")
+    seconds = [c["seconds"]["train"] + c["seconds"]["eval"] for c in cells.values()]
+    lines += ["", f"Compute: {sum(seconds) / 60:.0f} core-minutes over {len(seconds)} cells (one thread each; "
+              "the shared stages not included).", "", "Per cell (Wilson 95% intervals):", "",
               "| cell | ASR test | over-refusal test | ASR val | over-refusal val | GSM8K CE | steps | train s | eval s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, c in cells.items():
@@ -139,15 +169,18 @@ def table_markdown(cells: dict, rows: list[dict], choice: dict | None, seeds: li
 
 
 def compare_with(rows: list[dict], cells: dict, seeds: list[int], pairs: list[tuple[str, str]]) -> dict:
-    """Does ProCon add anything beyond the same data? Differences of the seed means, Welch t on ASR."""
+    """Does ProCon add anything beyond the same data? Differences of the seed means, with Welch t over
+    seeds for test ASR, test over-refusal and GSM8K CE."""
     by, out = {r["variant"]: r for r in rows}, {}
     for a, b in pairs:
         if a in by and b in by and by[a]["asr_test"][0] is not None and by[b]["asr_test"][0] is not None:
-            asr = [[metric(cells[f"{v}_s{s}"], "asr_test") for s in seeds if f"{v}_s{s}" in cells] for v in (a, b)]
-            t = welch_t(*asr)
-            out[f"{a} vs {b}"] = {"asr_diff": by[a]["asr_test"][0] - by[b]["asr_test"][0],
-                                  "over_refusal_diff": by[a]["over_refusal_test"][0] - by[b]["over_refusal_test"][0],
-                                  "ce_diff": by[a]["ce"][0] - by[b]["ce"][0], "t": None if t is None else round(t, 2)}
+            entry = {}
+            for name, key in (("asr", "asr_test"), ("over_refusal", "over_refusal_test"), ("ce", "ce")):
+                per_seed = [[metric(cells[f"{v}_s{s}"], key) for s in seeds if f"{v}_s{s}" in cells] for v in (a, b)]
+                t = welch_t(*per_seed)
+                entry[f"{name}_diff"] = by[a][key][0] - by[b][key][0]
+                entry[f"{name}_t"] = None if t is None else round(t, 2)
+            out[f"{a} vs {b}"] = entry
     return out
 
 
@@ -220,7 +253,7 @@ def main(argv=None) -> int:
     if not cells:
         raise SystemExit(f"no cells in {args.results / 'cells'}")
     rows = variant_rows(cells, args.seeds, args.variants)
-    choice = choose_on_validation(rows)
+    choice = choose_on_validation(rows, cells, args.seeds)
     pairs = [("procon_wu_safe", "ift_safe"), ("procon_wu_safe_token", "ift_safe"), ("procon_s", "ift"),
              ("procon_wu", "ift"), ("procon_s_token", "ift")]
     compare = compare_with(rows, cells, args.seeds, pairs)

@@ -40,6 +40,35 @@ def test_mean_std_recovery_and_welch():
     assert stats.welch_t([1.0], [2.0, 3.0]) is None
 
 
+def _cell(variant, seed, asr_val, refusal_val, ce):
+    rates = {"asr_test": asr_val, "asr_val": asr_val, "over_refusal_test": refusal_val, "over_refusal_val": refusal_val}
+    return {"variant": variant, "seed": seed, "eval": {**{k: {"rate": v} for k, v in rates.items()},
+                                                      "gsm8k_test_ce": {"ce": ce}}, "probes": []}
+
+
+def test_choice_on_validation_weighs_over_refusal_and_needs_consistency():
+    import powered_report as report
+
+    def choose(spec):   # {variant: [(asr_val, over_refusal_val, ce) per seed]}
+        cells = {f"{v}_s{s}": _cell(v, s, *m) for v, runs in spec.items() for s, m in enumerate(runs)}
+        return report.choose_on_validation(report.variant_rows(cells, [0, 1, 2], list(spec)), cells, [0, 1, 2])
+
+    ift, default = [(0.2, 0.1, 1.0)] * 3, [(0.10, 0.15, 1.0), (0.11, 0.14, 1.0), (0.09, 0.16, 1.0)]
+    # refusing everything has the lowest ASR but not the lowest error; CE above 1.05 x IFT's is out
+    choice = choose({"ift": ift, "procon_wu_safe": default, "procon_s": [(0.0, 0.9, 1.0)] * 3,
+                     "procon_wu": [(0.01, 0.01, 1.2)] * 3})
+    assert choice["chosen"] == "procon_wu_safe" and choice["verdict"] == "the default is the chosen setting"
+    # lower error by far more than the seed spread: consistently better
+    choice = choose({"ift": ift, "procon_wu_safe": default,
+                     "procon_s_token": [(0.05, 0.10, 1.0), (0.06, 0.09, 1.0), (0.04, 0.11, 1.0)]})
+    assert choice["chosen"] == "procon_s_token" and choice["t_vs_default"] < -2.78
+    assert "consistently better" in choice["verdict"] and "not" not in choice["verdict"]
+    # lower on average but within the seed spread: the default stays
+    choice = choose({"ift": ift, "procon_wu_safe": default,
+                     "procon_s_token": [(0.02, 0.10, 1.0), (0.15, 0.14, 1.0), (0.10, 0.18, 1.0)]})
+    assert choice["chosen"] == "procon_s_token" and "keep the default" in choice["verdict"]
+
+
 def run(script, *args, expect_ok=True):
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=REPO)
