@@ -69,6 +69,20 @@ def test_choice_on_validation_weighs_over_refusal_and_needs_consistency():
     assert choice["chosen"] == "procon_s_token" and "keep the default" in choice["verdict"]
 
 
+def test_same_run_compares_every_logged_value_but_timings(tmp_path):
+    import same_run
+
+    base = [{"step": 10, "ce": 1.5, "probe_drift_cos": [None, 0.99], "tokens_per_s": 40.0}]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, r in ((a, base), (b, [{**base[0], "tokens_per_s": 75.0}])):
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
+    assert same_run.main([str(a), str(b)]) == 0                     # a timing differs: still the same run
+    (b / "metrics.jsonl").write_text(json.dumps({**base[0], "probe_drift_cos": [None, 0.98]}) + "\n")
+    assert same_run.first_difference(same_run.rows(a), same_run.rows(b)).startswith("step 10: probe_drift_cos")
+    assert same_run.main([str(a), str(b)]) == 1
+
+
 def run(script, *args, expect_ok=True):
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=REPO)
