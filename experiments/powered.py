@@ -16,6 +16,12 @@ Cells are claimed through lock files, so `--workers 2` (two 1-thread processes) 
 a rerun skips finished cells. `python experiments/powered_report.py` makes the report from
 whatever cells exist.
 
+Reproducible across machines and sessions: distillation, directions, z0 and every evaluation run
+at one CPU thread (greedy decoding depends on the thread count; training does not), and
+RESULTS/shared_stages.json records digests of what the shared stages made (tensors by content). A
+session that remakes stage 1 and gets other files stops before any cell; each cell's inputs hash
+covers the digests, the stage-3 config and the evaluation settings, wherever --work is.
+
   python experiments/powered.py --workers 2 --commit                 # the CPU configuration
   python experiments/powered.py --shared-only                        # stage 1 and its evaluation
   python experiments/powered.py --model tiny --sizes micro --work /tmp/w --results /tmp/r
@@ -41,7 +47,7 @@ sys.path.insert(0, str(HERE))
 
 from fastprocon.io import write_json  # noqa: E402
 
-from procon_smollm2 import Experiment, main, read_rows, toml_value  # noqa: E402
+from procon_smollm2 import Experiment, cpu_threads, main, read_rows, toml_value  # noqa: E402
 from provenance import describe  # noqa: E402
 from stats import wilson  # noqa: E402
 
@@ -95,6 +101,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.no_base_eval = True   # Experiment's flag; the base model is a cell here
     return args
+
+
+def tensors_sha256(path: Path) -> bytes:
+    """sha256 of a safetensors file's tensors (names, dtypes, shapes, bytes), not of its metadata,
+    which holds paths and creation times."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.digest()
 
 
 def _slices(rows: list, counts: dict[str, int], what: str) -> dict[str, list]:
@@ -174,10 +193,11 @@ class PoweredExperiment(Experiment):
 
     def shared_stages(self) -> None:
         self.stage("data", self.data_dir / "manifest.json", self.make_data)
-        self.stage("distill", self.data_dir / "benign.json", self.distill)
+        # distillation, directions and z0 at one thread: the same files whatever --threads (cpu_threads)
+        self.stage("distill", self.data_dir / "benign.json", self.distill, one_thread=True)
         self.stage("align", self.aligned, self.align, clear=self.path("runs", "align"))
-        self.stage("directions", self.directions_file, self.directions, clear=self.path("directions"))
-        self.stage("reference", self.path("reference", "gsm8k.safetensors"), self.reference)
+        self.stage("directions", self.directions_file, self.directions, clear=self.path("directions"), one_thread=True)
+        self.stage("reference", self.path("reference", "gsm8k.safetensors"), self.reference, one_thread=True)
 
     # -- cells ---------------------------------------------------------------------------------------
 
@@ -206,18 +226,30 @@ class PoweredExperiment(Experiment):
             return True
         return False
 
+    def stage_digests(self) -> dict[str, str]:
+        """sha256 of what the shared stages made: the data slices, the aligned model's weights, the
+        directions, the z0 cache. Part of every cell's inputs, and written to shared_stages.json."""
+        if not hasattr(self, "_stage_digests"):
+            groups = {"data": [f for f in sorted(self.data_dir.glob("*.json")) if f.name != "manifest.json"],
+                      "aligned": sorted(self.aligned.glob("*.safetensors")), "directions": [self.directions_file],
+                      "reference": sorted(self.path("reference").glob("*.safetensors"))}
+            self._stage_digests = {}
+            for name, files in groups.items():
+                digest = hashlib.sha256()
+                for f in files:
+                    digest.update(f.name.encode() + (tensors_sha256(f) if f.suffix == ".safetensors"
+                                                     else hashlib.sha256(f.read_bytes()).digest()))
+                self._stage_digests[name] = digest.hexdigest()[:16]
+        return self._stage_digests
+
     def cell_inputs(self, cell: str, variant: str | None, seed: int | None) -> str:
-        """A hash of everything besides the code that decides a cell's numbers: the aligned model's
-        weights, the data slices, the stage-3 config and overrides, the evaluation settings."""
-        if not hasattr(self, "_aligned_digest"):
-            digest = hashlib.sha256()
-            for f in sorted(self.aligned.glob("*.safetensors")) + [self.data_dir / "manifest.json"]:
-                digest.update(hashlib.sha256(f.read_bytes()).digest())
-            self._aligned_digest = digest.hexdigest()
+        """A hash of everything besides the code that decides a cell's numbers: the shared stages'
+        files (by content, wherever --work is), the stage-3 config and overrides, the evaluation settings."""
         a = self.args
-        parts = [self._aligned_digest, cell, a.model, a.gen_tokens, a.max_length, a.batch_size]
+        parts = [self.stage_digests(), cell, a.model, a.gen_tokens, a.max_length, a.batch_size]
         if variant is not None:
-            parts += [(Path(a.configs) / "ift.toml").read_text(), self.cell_overrides(variant, seed)]
+            overrides = [o.replace(str(self.work), "WORK") for o in self.cell_overrides(variant, seed)]
+            parts += [(Path(a.configs) / "ift.toml").read_text(), overrides]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
     def cell_done(self, cell: str, variant: str | None, seed: int | None) -> bool:
@@ -259,6 +291,10 @@ class PoweredExperiment(Experiment):
 
     def evaluate(self, model: str) -> tuple[dict, list[dict]]:
         """Refusal on the four prompt sets and GSM8K test CE -> (metrics, per-prompt rows)."""
+        with cpu_threads(1):   # greedy decoding: the same completions whatever --threads
+            return self._evaluate(model)
+
+    def _evaluate(self, model: str) -> tuple[dict, list[dict]]:
         from fastprocon.data import load_examples, load_instructions
         from fastprocon.evaluate import evaluate_refusal
         from task_eval import test_loss
@@ -346,14 +382,28 @@ class PoweredExperiment(Experiment):
         if a.worker_of is None:
             self.log.setdefault("invocations", []).append("python " + shlex.join(sys.argv))
             self.shared_stages()
+            self.check_same_stages()
             write_json(self.results / "shared_stages.json",
                        {k: v for k, v in self.log.items() if isinstance(v, dict) and "version" in v}
-                       | {"manifest": json.loads((self.data_dir / "manifest.json").read_text())})
+                       | {"manifest": json.loads((self.data_dir / "manifest.json").read_text()),
+                          "digests": self.stage_digests()})
             if a.shared_only:
                 return self.work_queue(only={"aligned"})
             if a.workers > 1:
                 return self.spawn_workers()
         self.work_queue()
+
+    def check_same_stages(self) -> None:
+        """Stop before any cell when the shared stages made other files than those the committed
+        cells started from (stage 1 not reproduced here): the cells of one table share one start."""
+        committed = self.results / "shared_stages.json"
+        before = json.loads(committed.read_text()).get("digests") if committed.exists() else None
+        if before is None or before == self.stage_digests() or self.args.stale == "rerun":
+            return
+        differ = [k for k in before if before[k] != self.stage_digests().get(k)]
+        raise SystemExit(f"the shared stages made other files than {committed} records ({', '.join(differ)} "
+                         f"differ: {before} here {self.stage_digests()}); its cells started from those: use "
+                         "--stale rerun (redo every cell) or another --results")
 
     def spawn_workers(self) -> None:
         procs = []

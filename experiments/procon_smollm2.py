@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +67,22 @@ def read_rows(path: Path) -> list:
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return json.loads(path.read_text())
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Torch CPU threads = ``n`` inside the block. Stages whose output must not depend on --threads run
+    at one thread: greedy decoding flips an argmax on last-bit differences between thread counts (one
+    of 192 distilled stage-1 answers changed between 1 and 2 threads, and so did the aligned model).
+    Training gave every logged value equal at 1 and 2 threads (stage 1, 6 steps), so it keeps --threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _labels_in(path: Path) -> set[str]:
@@ -126,10 +143,12 @@ class Experiment:
         if code != 0:
             raise SystemExit(f"stage {stage}: `fastprocon {argv[0]}` exited with {code}")
 
-    def stage(self, name: str, output: Path, fn, labels: list[str] | None = None, clear: Path | None = None) -> None:
+    def stage(self, name: str, output: Path, fn, labels: list[str] | None = None, clear: Path | None = None,
+              one_thread: bool = False) -> None:
         """Run ``fn`` unless ``output`` exists (and, with ``labels``, names all of them) and was made by
-        this code version; record its wall time and version. ``clear``: what to delete before a rerun
-        of a stage made by another version (default ``output``)."""
+        this code version; record its wall time, version and thread count. ``clear``: what to delete
+        before a rerun of a stage made by another version (default ``output``). ``one_thread``: run at
+        one CPU thread (see :func:`cpu_threads`)."""
         if output.exists() and (labels is None or set(labels) <= _labels_in(output)):
             made_by = self.log.get(name, {}).get("version")
             if made_by and made_by["code"] == self.version["code"]:
@@ -143,9 +162,13 @@ class Experiment:
             print(f"[experiment] {name}: made by {describe(made_by)}: deleting {doomed} to rerun", flush=True)
             shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
         print(f"[experiment] {name}: running", flush=True)
+        import torch
+
         self.log[name] = {"commands": [], "version": self.version}
         start = time.perf_counter()
-        fn()
+        with cpu_threads(1 if one_thread else torch.get_num_threads()):
+            self.log[name]["threads"] = torch.get_num_threads()
+            fn()
         self.log[name]["seconds"] = round(time.perf_counter() - start, 1)
         write_json(self.log_path, self.log)
         print(f"[experiment] {name}: {self.log[name]['seconds']} s", flush=True)

@@ -83,6 +83,20 @@ def test_same_run_compares_every_logged_value_but_timings(tmp_path):
     assert same_run.main([str(a), str(b)]) == 1
 
 
+def test_tensor_digest_ignores_metadata_not_values(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from powered import tensors_sha256
+
+    t = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    save_file(t, tmp_path / "x.safetensors", metadata={"created": "monday", "model": "/here"})
+    save_file(t, tmp_path / "y.safetensors", metadata={"created": "tuesday"})
+    save_file({**t, "a": t["a"] + 2 ** -20}, tmp_path / "z.safetensors", metadata={"created": "monday", "model": "/here"})
+    digest = tensors_sha256(tmp_path / "x.safetensors")
+    assert tensors_sha256(tmp_path / "y.safetensors") == digest != tensors_sha256(tmp_path / "z.safetensors")
+
+
 def run(script, *args, expect_ok=True):
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=REPO)
@@ -127,6 +141,22 @@ def test_powered_driver_on_tiny(tmp_path, shared_data):
     # a rerun resumes: no cell is redone
     out = run(DRIVER, *args[:-2])
     assert "[powered] cell" not in out
+
+    # stage 1 is reproducible: shared stages made again from scratch in another --work directory give
+    # the same files (tensors by content; paths and creation times aside), so no cell is redone
+    shared = json.loads((results / "shared_stages.json").read_text())
+    assert shared["distill"]["threads"] == shared["directions"]["threads"] == 1
+    assert set(shared["digests"]) == {"data", "aligned", "directions", "reference"}
+    out = run(DRIVER, *[tmp_path / "work2" if a == work else a for a in args[:-2]])
+    assert "[powered] cell" not in out and "align: running" in out
+    assert json.loads((results / "shared_stages.json").read_text())["digests"] == shared["digests"]
+
+    # shared stages that made other files than the committed cells started from stop the run
+    (results / "shared_stages.json").write_text(json.dumps({**shared, "digests": {**shared["digests"],
+                                                                                   "aligned": "0" * 16}}))
+    err = run(DRIVER, *args[:-2], expect_ok=False)
+    assert "aligned" in err and "other files" in err and "--stale rerun" in err
+    (results / "shared_stages.json").write_text(json.dumps(shared))
 
     # a cell made from other inputs (e.g. another aligned model) is refused, naming the cell
     path = results / "cells" / "ift_s0.json"
