@@ -23,8 +23,10 @@ and the ProCon overhead over the same set-up's ProCon-off step.
 
 ``--pairs N`` measures that overhead more tightly: after ``--warmup`` untimed steps per (set-up,
 variant), N rounds on one batch (the plan's step 0, the same in every round), each round running
-every set-up as a pair, ProCon off then fused, back to back on the same model. The overhead is the
-median over pairs of (fused / off) - 1, so a shared machine's load, which moves both steps of a
+every set-up as a pair, ProCon off and fused back to back on the same model, off first in even
+rounds and fused first in odd ones (a fixed order measured a -2% "overhead" for packed with a tight
+interval: the step after a change of set-up is slower, which alternation cancels). The overhead is
+the median over pairs of (fused / off) - 1, so a shared machine's load, which moves both steps of a
 pair alike, cancels; its spread is given as the 20th-80th percentile of the per-pair ratios and a
 95% bootstrap interval of the median (columns ``overhead_p20/p80``, ``overhead_ci95_low/high``).
 The first warm-up step of each (set-up, variant) is recorded as ``first_step_ms``; for compiled
@@ -216,7 +218,8 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
                 deadline = time.monotonic() + (getattr(args, "time_limit", None) or float("inf"))
             step = timed[i - warmup] if i >= warmup else 0
             loads.append(os.getloadavg()[0])
-            for s, v in order:
+            flip = pairs and i % 2 == 1      # --pairs: fused first in odd rounds
+            for s, v in (order if not flip else [(s, v) for s in args.setups for v in reversed(VARIANTS)]):
                 mbs, n_pred, lengths = batches[SETUPS[s]["packed"], step]
                 runner = runners[s]
                 with runner.active(v == "fused"):
