@@ -3,6 +3,7 @@ against known values, and the driver end to end on the random-init `tiny` model 
 (two 1-thread workers sharing the cell queue, a resume, a stale cell refused, the report)."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -97,9 +98,13 @@ def test_tensor_digest_ignores_metadata_not_values(tmp_path):
     assert tensors_sha256(tmp_path / "y.safetensors") == digest != tensors_sha256(tmp_path / "z.safetensors")
 
 
-def run(script, *args, expect_ok=True):
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def run(script, *args, expect_ok=True, env=None):
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+                          timeout=600, cwd=REPO, env=None if env is None else {**os.environ, **env})
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     else:
@@ -112,7 +117,14 @@ def test_powered_driver_on_tiny(tmp_path, shared_data):
     args = ["--model", "tiny", "--sizes", "micro", "--device", "cpu", "--data", shared_data, "--work", work,
             "--results", results, "--seeds", 0, "--variants", "ift", "procon_wu_safe_token",
             "--align", "max_steps=2", "--ift", "max_steps=3", "--workers", 2]
-    run(DRIVER, *args)
+    results.mkdir()
+    subprocess.run(["git", "init", "-q", results], check=True)
+    run(DRIVER, *args, "--commit", env=GIT_IDENTITY)
+    # --commit: each cell at once, with the stage-1 record every cell starts from
+    log = subprocess.run(["git", "-C", results, "log", "--format=%s", "--name-only"], capture_output=True,
+                         text=True, check=True).stdout
+    assert log.count("Issue 16 (powered): cell ") == 3 and "shared_stages.json" in log
+    assert "procon_wu_safe_token_s0.jsonl" in log
     cells = {p.stem: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
     assert set(cells) == {"aligned", "ift_s0", "procon_wu_safe_token_s0"}
     for name, cell in cells.items():
