@@ -1,6 +1,10 @@
 """The powered reproduction's report, made from whatever cells exist (missing ones are marked).
 
-  python experiments/powered_report.py [--results experiments/results/powered]
+  python experiments/powered_report.py [--results experiments/results/powered] [--other-start DIR]
+
+--other-start names the results of the same experiment from another stage-1 start (another aligned
+model): the table then also says how far each variant moved between the starts, next to its seed
+spread, and whether each comparison points the same way in both.
 
 Writes into the results directory:
   table.md          per variant: mean +- std over seeds of test ASR, over-refusal, GSM8K test CE,
@@ -184,6 +188,52 @@ def compare_with(rows: list[dict], cells: dict, seeds: list[int], pairs: list[tu
     return out
 
 
+def start_to_start(rows: list[dict], cells: dict, other_rows: list[dict], other_cells: dict,
+                   seeds: list[int]) -> dict:
+    """Per variant, how far the seed means moved from another start (this start's mean - the other's)
+    with Welch t over the two starts' seeds: a move far beyond the seed spread says that the seeds
+    understate the uncertainty of a variant's figures."""
+    other, out = {r["variant"]: r for r in other_rows}, {}
+    for r in rows:
+        o = other.get(r["variant"])
+        if o is None or r["asr_test"][0] is None or o["asr_test"][0] is None:
+            continue
+        entry = {}
+        for key in ("asr_test", "over_refusal_test", "ce"):
+            t = welch_t(*[[metric(c[f"{r['variant']}_s{s}"], key) for s in seeds if f"{r['variant']}_s{s}" in c]
+                          for c in (cells, other_cells)])
+            entry[key] = {"here": r[key], "other": o[key], "diff": r[key][0] - o[key][0],
+                          "t": None if t is None else round(t, 2)}
+        out[r["variant"]] = entry
+    return out
+
+
+def start_markdown(other: Path, cells: dict, other_cells: dict, moves: dict, compare: dict,
+                   other_compare: dict) -> list[str]:
+    any_cell = next(iter(other_cells.values()))
+    metrics = (("asr_test", ".1%"), ("over_refusal_test", ".1%"), ("ce", ".4f"))
+    lines = ["", f"Another start: `{other}` ({describe(any_cell['code_version'])}), the same experiment from "
+             "another aligned model. Here / there, and the difference with Welch t over the two starts' seeds:", "",
+             "| variant | ASR test | diff (t) | over-refusal test | diff (t) | GSM8K CE | diff (t) |",
+             "|---|---|---|---|---|---|---|"]
+    if "aligned" in cells and "aligned" in other_cells:
+        here, there = cells["aligned"], other_cells["aligned"]
+        lines.append("| aligned | " + " | ".join(
+            f"{metric(here, k):{f}} / {metric(there, k):{f}} | {metric(here, k) - metric(there, k):+{f}}"
+            for k, f in metrics) + " |")
+    for v, m in moves.items():
+        lines.append(f"| {v} | " + " | ".join(f"{_pm(m[k]['here'], f)} / {_pm(m[k]['other'], f)} | "
+                                              f"{m[k]['diff']:+{f}} ({m[k]['t']})" for k, f in metrics) + " |")
+    lines += ["", "The comparisons in both starts (difference of seed means here; there):"]
+    for name, c in compare.items():
+        o = other_compare.get(name)
+        if o:
+            lines.append(f"- {name}: test ASR {c['asr_diff']:+.1%}; {o['asr_diff']:+.1%}, over-refusal "
+                         f"{c['over_refusal_diff']:+.1%}; {o['over_refusal_diff']:+.1%}, CE {c['ce_diff']:+.4f}; "
+                         f"{o['ce_diff']:+.4f}.")
+    return lines
+
+
 def plots(results: Path, cells: dict, rows: list[dict], seeds: list[int]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -248,6 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=HERE / "results" / "powered")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--other-start", type=Path, help="results of the same experiment from another stage-1 start")
     args = p.parse_args(argv)
     cells = load_cells(args.results)
     if not cells:
@@ -257,10 +308,18 @@ def main(argv=None) -> int:
     pairs = [("procon_wu_safe", "ift_safe"), ("procon_wu_safe_token", "ift_safe"), ("procon_s", "ift"),
              ("procon_wu", "ift"), ("procon_s_token", "ift")]
     compare = compare_with(rows, cells, args.seeds, pairs)
-    (args.results / "table.md").write_text(table_markdown(cells, rows, choice, args.seeds, compare))
+    table, summary = table_markdown(cells, rows, choice, args.seeds, compare), {}
+    if args.other_start:
+        other_cells = load_cells(args.other_start)
+        other_rows = variant_rows(other_cells, args.seeds, args.variants)
+        other_compare = compare_with(other_rows, other_cells, args.seeds, pairs)
+        moves = start_to_start(rows, cells, other_rows, other_cells, args.seeds)
+        table += "\n".join(start_markdown(args.other_start, cells, other_cells, moves, compare, other_compare)) + "\n"
+        summary["other_start"] = {"results": str(args.other_start), "moves": moves, "comparisons": other_compare}
+    (args.results / "table.md").write_text(table)
     write_json(args.results / "summary.json", {"code_version": next(iter(cells.values()))["code_version"],
                                               "variants": rows, "chosen_on_validation": choice, "comparisons": compare,
-                                              "cells": sorted(cells)})
+                                              "cells": sorted(cells), **summary})
     plots(args.results, cells, rows, args.seeds)
     print((args.results / "table.md").read_text())
     return 0

@@ -70,6 +70,27 @@ def test_choice_on_validation_weighs_over_refusal_and_needs_consistency():
     assert choice["chosen"] == "procon_s_token" and "keep the default" in choice["verdict"]
 
 
+def test_start_to_start_moves_and_comparisons_in_both_starts():
+    import powered_report as report
+
+    def start(ift_asr, wu_asrs):
+        cells = {"aligned": {**_cell(None, None, 0.08, 0.14, 1.6), "code_version": {"code": "0123", "commit": None}}}
+        cells |= {f"ift_s{s}": _cell("ift", s, a, 0.08, 1.2) for s, a in enumerate(ift_asr)}
+        cells |= {f"procon_wu_s{s}": _cell("procon_wu", s, a, 0.15, 1.2) for s, a in enumerate(wu_asrs)}
+        rows = report.variant_rows(cells, [0, 1, 2], ["ift", "procon_wu"])
+        return cells, rows, report.compare_with(rows, cells, [0, 1, 2], [("procon_wu", "ift")])
+
+    here, there = start([0.17, 0.18, 0.16], [0.07, 0.08, 0.06]), start([0.17, 0.17], [0.10, 0.09])
+    moves = report.start_to_start(here[1], here[0], there[1], there[0], [0, 1, 2])
+    asr = moves["procon_wu"]["asr_test"]
+    assert asr["diff"] == pytest.approx(0.07 - 0.095)
+    assert asr["t"] == round(stats.welch_t([0.07, 0.08, 0.06], [0.10, 0.09]), 2) < -2.78   # moved beyond the seeds
+    assert moves["ift"]["asr_test"]["diff"] == pytest.approx(0.0)
+    text = "\n".join(report.start_markdown("v1", here[0], there[0], moves, here[2], there[2]))
+    assert "| procon_wu | 7.0% ± 1.0% / 9.5% ± 0.7% | -2.5%" in text and "| aligned | 8.0% / 8.0% | +0.0%" in text
+    assert "procon_wu vs ift: test ASR -10.0%; -7.5%" in text
+
+
 def test_same_run_compares_every_logged_value_but_timings(tmp_path):
     import same_run
 
@@ -179,8 +200,10 @@ def test_powered_driver_on_tiny(tmp_path, shared_data):
     path.write_text(json.dumps(cell))
 
     # the report marks missing cells and names the code version
-    out = run(REPORT, "--results", results, "--seeds", 0, 1, "--variants", "ift", "procon_wu_safe_token")
+    out = run(REPORT, "--results", results, "--seeds", 0, 1, "--variants", "ift", "procon_wu_safe_token",
+              "--other-start", results)
     table = (results / "table.md").read_text()
     assert "missing ift_s1" in table and cell["code_version"]["code"] in table
+    assert "Another start" in table and "| ift | " in table.split("Another start")[1]   # here: against itself
     for png in ("asr_vs_loss.png", "drift_layers.png", "drift_steps.png"):
         assert (results / png).stat().st_size > 0
