@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from fastprocon.checksums import file_sha256  # noqa: E402
 from fastprocon.io import write_json  # noqa: E402
 
 from procon_smollm2 import Experiment, cpu_threads, main, read_rows, toml_value  # noqa: E402
@@ -238,7 +239,7 @@ class PoweredExperiment(Experiment):
                 digest = hashlib.sha256()
                 for f in files:
                     digest.update(f.name.encode() + (tensors_sha256(f) if f.suffix == ".safetensors"
-                                                     else hashlib.sha256(f.read_bytes()).digest()))
+                                                     else bytes.fromhex(file_sha256(f))))
                 self._stage_digests[name] = digest.hexdigest()[:16]
         return self._stage_digests
 
