@@ -361,9 +361,11 @@ class PoweredExperiment(Experiment):
             shutil.rmtree(self.path("runs", cell, "model"), ignore_errors=True)
             shutil.rmtree(self.path("runs", cell, "checkpoints"), ignore_errors=True)
         if self.args.commit:
+            paths = [self.cells_dir / f"{cell}.json", completions]
             stages = self.results / "shared_stages.json"   # the start every cell of this table shares
-            commit([self.cells_dir / f"{cell}.json", completions, *[stages] * stages.exists()],
-                   f"Issue 16 (powered): cell {cell}")
+            if stages.exists():
+                paths.append(stages)
+            commit(paths, f"Issue 16 (powered): cell {cell}")
         print(f"[powered] cell {cell}: {record['seconds']}", flush=True)
 
     def work_queue(self, only: set[str] | None = None) -> None:
@@ -424,6 +426,7 @@ class PoweredExperiment(Experiment):
 def commit(paths: list[Path], message: str, attempts: int = 20) -> None:
     """git add + commit exactly ``paths`` (other staged or modified files stay out) in the repository
     that holds them, retrying while another process holds the index lock."""
+    paths = [Path(p).resolve() for p in paths]
     repo = paths[0].parent
     for attempt in range(attempts):
         add = subprocess.run(["git", "-C", str(repo), "add", "--", *map(str, paths)], capture_output=True, text=True)
