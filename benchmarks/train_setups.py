@@ -206,6 +206,7 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
     if pairs and hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda *_: stop.append(True))
     order = [(s, v) for s in args.setups for v in VARIANTS]
+    flipped = [(s, v) for s in args.setups for v in reversed(VARIANTS)]   # --pairs: fused first in odd rounds
     desc = f"bench_train --setups {name}" + (" memory pass" if memory_pass else "")
     n_runs = (warmup + len(timed)) * len(order)
     with tqdm(total=n_runs, desc=desc, unit="step", file=sys.stderr) as bar:
@@ -218,8 +219,7 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
                 deadline = time.monotonic() + (getattr(args, "time_limit", None) or float("inf"))
             step = timed[i - warmup] if i >= warmup else 0
             loads.append(os.getloadavg()[0])
-            flip = pairs and i % 2 == 1      # --pairs: fused first in odd rounds
-            for s, v in (order if not flip else [(s, v) for s in args.setups for v in reversed(VARIANTS)]):
+            for s, v in (flipped if pairs and i % 2 == 1 else order):
                 mbs, n_pred, lengths = batches[SETUPS[s]["packed"], step]
                 runner = runners[s]
                 with runner.active(v == "fused"):

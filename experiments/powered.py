@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE))
 
 from fastprocon.checksums import file_sha256  # noqa: E402
 from fastprocon.io import write_json  # noqa: E402
+from fastprocon.loading import read_header  # noqa: E402
 
 from procon_smollm2 import Experiment, cpu_threads, main, read_rows, toml_value  # noqa: E402
 from provenance import describe  # noqa: E402
@@ -107,11 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def tensors_sha256(path: Path) -> bytes:
     """sha256 of a safetensors file's tensors (names, dtypes, shapes, bytes), not of its metadata,
     which holds paths and creation times."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(json.dumps(read_header(path), sort_keys=True).encode())   # checked, no metadata
     with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        header.pop("__metadata__", None)
-        digest.update(json.dumps(header, sort_keys=True).encode())
+        f.seek(8 + int.from_bytes(f.read(8), "little"))      # the tensors' bytes follow the header
         while block := f.read(8 << 20):
             digest.update(block)
     return digest.digest()

@@ -50,6 +50,11 @@ def metric(cell: dict, name: str) -> float:
     return cell["eval"]["gsm8k_test_ce"]["ce"] if name == "ce" else cell["eval"][name]["rate"]
 
 
+def seed_values(cells: dict, variant: str, seeds: list[int], name: str) -> list[float]:
+    """``metric(name)`` of each of ``variant``'s cells that exists, in seed order."""
+    return [metric(cells[f"{variant}_s{s}"], name) for s in seeds if f"{variant}_s{s}" in cells]
+
+
 def last_probe(cell: dict) -> dict | None:
     return cell["probes"][-1] if cell.get("probes") else None
 
@@ -180,8 +185,7 @@ def compare_with(rows: list[dict], cells: dict, seeds: list[int], pairs: list[tu
         if a in by and b in by and by[a]["asr_test"][0] is not None and by[b]["asr_test"][0] is not None:
             entry = {}
             for name, key in (("asr", "asr_test"), ("over_refusal", "over_refusal_test"), ("ce", "ce")):
-                per_seed = [[metric(cells[f"{v}_s{s}"], key) for s in seeds if f"{v}_s{s}" in cells] for v in (a, b)]
-                t = welch_t(*per_seed)
+                t = welch_t(seed_values(cells, a, seeds, key), seed_values(cells, b, seeds, key))
                 entry[f"{name}_diff"] = by[a][key][0] - by[b][key][0]
                 entry[f"{name}_t"] = None if t is None else round(t, 2)
             out[f"{a} vs {b}"] = entry
@@ -200,8 +204,7 @@ def start_to_start(rows: list[dict], cells: dict, other_rows: list[dict], other_
             continue
         entry = {}
         for key in ("asr_test", "over_refusal_test", "ce"):
-            t = welch_t(*[[metric(c[f"{r['variant']}_s{s}"], key) for s in seeds if f"{r['variant']}_s{s}" in c]
-                          for c in (cells, other_cells)])
+            t = welch_t(seed_values(cells, r["variant"], seeds, key), seed_values(other_cells, r["variant"], seeds, key))
             entry[key] = {"here": r[key], "other": o[key], "diff": r[key][0] - o[key][0],
                           "t": None if t is None else round(t, 2)}
         out[r["variant"]] = entry

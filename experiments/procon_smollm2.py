@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 import tomllib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -166,7 +166,7 @@ class Experiment:
 
         self.log[name] = {"commands": [], "version": self.version}
         start = time.perf_counter()
-        with cpu_threads(1 if one_thread else torch.get_num_threads()):
+        with cpu_threads(1) if one_thread else nullcontext():
             self.log[name]["threads"] = torch.get_num_threads()
             fn()
         self.log[name]["seconds"] = round(time.perf_counter() - start, 1)
