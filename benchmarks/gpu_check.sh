@@ -31,15 +31,9 @@ case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac   
 unset TRITON_INTERPRET
 export TQDM_DISABLE=1            # progress bars would flood the log
 
-# fastprocon without installing it: setup.py maps kernels/ to fastprocon.kernels, so build that
-# layout from symlinks in a scratch directory and run everything from there (first on sys.path).
-SHADOW=$(mktemp -d)
-trap 'rm -rf "$SHADOW"' EXIT
-mkdir "$SHADOW/fastprocon"
-for f in "$REPO"/fastprocon/*; do ln -s "$f" "$SHADOW/fastprocon/"; done
-ln -s "$REPO/kernels" "$SHADOW/fastprocon/kernels"
-export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
-cd "$SHADOW"
+# fastprocon without installing it: fastprocon/kernels links to the top-level kernels/ folder, and
+# kernels/ is no regular package, so the repository on sys.path never hides an installed `kernels`.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 NAMES=()
 declare -A STATUS

@@ -1,7 +1,7 @@
 """ProCon (ProCon_s) in a plain PyTorch training loop: the lines marked `# ProCon` are all it adds.
 
-    python examples/custom_loop.py              # the random-init `tiny` model, seconds on a CPU
-    python examples/custom_loop.py --smollm2    # SmolLM2-135M-Instruct (built in), a few minutes on a CPU
+    ./run.sh python examples/custom_loop.py              # the random-init `tiny` model, seconds on a CPU
+    ./run.sh python examples/custom_loop.py --smollm2    # SmolLM2-135M-Instruct (built in), a few minutes on a CPU
 """
 import argparse
 

@@ -1,7 +1,7 @@
 """ProCon_wu in a Hugging Face `transformers.Trainer` run: one added call, `add_procon(trainer, ...)`.
 
-    python examples/hf_trainer.py              # the random-init `tiny` model, seconds on a CPU
-    python examples/hf_trainer.py --smollm2    # SmolLM2-135M-Instruct (built in)
+    ./run.sh python examples/hf_trainer.py              # the random-init `tiny` model, seconds on a CPU
+    ./run.sh python examples/hf_trainer.py --smollm2    # SmolLM2-135M-Instruct (built in)
 """
 import argparse
 import tempfile

@@ -14,6 +14,8 @@ for arg in "$@"; do
     *) overrides+=("$arg") ;;
   esac
 done
-PY=${PYTHON:-python3}
+# the repository's venv (made by ./run.sh) when there is one; PYTHON=... picks another interpreter
+VENV_PY="$(dirname "$0")/../.venv/bin/python"
+if [ -z "${PYTHON:-}" ] && [ -x "$VENV_PY" ]; then PY=$VENV_PY; else PY=${PYTHON:-python3}; fi
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-2}" \
   -m fastprocon.cli train --config "$config" "run_dir=${RUN_DIR:-runs/torchrun-$config}" "${overrides[@]}"

@@ -1,9 +1,9 @@
 """ProCon_wu_safe in a TRL `SFTTrainer` run. Against a plain SFTTrainer script it adds three lines:
 the import, the `_safe` mix of refusal examples into the dataset, and `add_procon(trainer, ...)`.
 
-    python examples/trl_sft.py              # the random-init `tiny` model, seconds on a CPU
-    python examples/trl_sft.py --smollm2    # SmolLM2-135M-Instruct (built in)
-    python examples/trl_sft.py --packing    # packed (padding-free) batches
+    ./run.sh python examples/trl_sft.py              # the random-init `tiny` model, seconds on a CPU
+    ./run.sh python examples/trl_sft.py --smollm2    # SmolLM2-135M-Instruct (built in)
+    ./run.sh python examples/trl_sft.py --packing    # packed (padding-free) batches
 """
 import argparse
 import tempfile

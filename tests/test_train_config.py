@@ -28,6 +28,17 @@ def test_file_and_overrides(tmp_path):
     assert load_config(None).train.name == Config().train.name
 
 
+def test_on_off_switches_take_booleans(tmp_path):
+    cfg = load_config("tiny", ["packing=false", "compile=true"])
+    assert cfg.data.packing == "off" and cfg.model.compile == "on"
+    cfg = load_config(write(tmp_path, "[data]\npacking = true\n[model]\ncompile = false\n"))
+    assert cfg.data.packing == "on" and cfg.model.compile == "off"
+    with pytest.raises(TypeError, match="model.lora must be bool"):   # a bool key still takes only booleans
+        load_config("tiny", ["lora=on"])
+    with pytest.raises(TypeError, match="procon.norm must be str"):   # a choice without on/off takes no boolean
+        load_config("tiny", ["norm=true"])
+
+
 def test_builtin_configs_load_and_round_trip(tmp_path):
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
     assert {"default", "tiny"} <= set(names)

@@ -186,6 +186,8 @@ def _set(cfg: Config, section: str, key: str, value, where: str) -> None:
     types_ = _field_types(section)
     if key not in types_:
         raise ValueError(f"{where}: unknown key {key!r} in section [{section}]; valid keys: {', '.join(types_)}")
+    if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(f"{section}.{key}", ())):
+        value = "on" if value else "off"      # an on/off switch also takes true/false
     try:
         value = _coerce(value, types_[key])
     except TypeError:

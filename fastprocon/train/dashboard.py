@@ -88,7 +88,8 @@ def draw_dashboard(run_dir: str | os.PathLike, out: str | os.PathLike | None = N
         ax_refusal.set_ylabel("log P(refusal) - log P(other)")
         share = ax_refusal.twinx()
         share.plot(steps, [r[SHARE_KEY] for r in probe], color="black", ls=":", marker="^", ms=3,
-                   label="harmful refusal share")
+                   label="harmful refusal share (first-token log-odds > 0;\n"
+                         "not eval-refusal's rate, which reads generated text)")
         threshold = _min_share(run_dir)
         if threshold > 0:
             share.axhline(threshold, color="black", ls="--", lw=0.8, label="min_refusal_share")
