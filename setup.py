@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastprocon", "fastprocon.*"]) + ["fastprocon.kernels"],
     package_dir={"fastprocon": "fastprocon", "fastprocon.kernels": "kernels"},
-    package_data={"fastprocon": ["builtin_data/*.json", "configs/*.toml"]},
+    package_data={"fastprocon": ["configs/*.toml"], "fastprocon.data": ["builtin/*.json"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2",

@@ -4,7 +4,7 @@ Everything runs as 2 processes (``torchrun --nproc_per_node 2``, gloo on CPU), e
 itself; the parent collects the rows into one CSV.
 
 * data: a synthetic JSONL set of ``--rows`` alpaca rows (default 1 M; written to a temporary
-  directory) goes through ``fastprocon.data_cache.load_training_set`` as the trainer calls it:
+  directory) goes through ``fastprocon.data.cache.load_training_set`` as the trainer calls it:
   first start (cache miss: rank 0 tokenizes and writes the cache while rank 1 waits), then a
   second start (cache hit). After loading, each process materialises its micro-batches of
   ``--steps`` optimizer steps (the trainer's StepBatches). Tokenizer: ``--tokenizer tiny`` (the
@@ -42,9 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import harness
+import numpy as np
 
 FIELDS = harness.ENV_FIELDS + (
     "part", "phase", "rank", "world", "tokenizer", "samples", "tokens", "seconds", "per_batch_ms", "p20_ms", "p80_ms",
@@ -91,7 +90,8 @@ def write_rows(path: Path, n: int, seed: int = 0) -> None:
 
 
 def tokenizer_of(name: str):
-    from fastprocon.models import load_model, tiny_tokenizer
+    from fastprocon.models.load import load_model
+    from fastprocon.models.specs import tiny_tokenizer
     if name == "tiny":
         return tiny_tokenizer()
     return load_model(name).tokenizer
@@ -102,7 +102,7 @@ def tokenizer_of(name: str):
 
 
 def data_worker(args, dist) -> dict:
-    from fastprocon.data_cache import load_training_set
+    from fastprocon.data.cache import load_training_set
     from fastprocon.train.batches import StepBatches
 
     tok = tokenizer_of(args.tokenizer)
@@ -125,7 +125,7 @@ def data_worker(args, dist) -> dict:
 def z0_build_worker(args, dist) -> dict:
     import torch
 
-    from fastprocon.reference_files import write_index, write_shard
+    from fastprocon.procon.reference_files import write_index, write_shard
 
     rank, world = dist.get_rank(), dist.get_world_size()
     layers = list(range(1, args.z0_layers + 1))
@@ -154,7 +154,7 @@ def z0_build_worker(args, dist) -> dict:
 def z0_gather_worker(args, dist) -> dict:
     import torch
 
-    from fastprocon.reference import ReferenceCache
+    from fastprocon.procon.reference import ReferenceCache
 
     rank = dist.get_rank()
     rng = np.random.default_rng(100 + rank)

@@ -44,9 +44,9 @@ def one_run(args, variant: str, directions: Path, rows: list, round_: int, env: 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from fastprocon.data import load_examples, resolve_data_path
+    from fastprocon.data.examples import load_examples, resolve_data_path
     from fastprocon.integrations import add_procon
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
 
     loaded = load_model(args.model)
     rows_ = [{"prompt": [{"role": "user", "content": ex.prompt}],
@@ -81,7 +81,7 @@ def one_run(args, variant: str, directions: Path, rows: list, round_: int, env: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from fastprocon.integrations import ProCon
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
 
     env = harness.environment(torch.device("cpu"), "benchmarks/bench_integration.py",
                               sys.argv[1:] if argv is None else argv)

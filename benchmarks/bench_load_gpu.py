@@ -3,7 +3,7 @@
 A random model with Llama-3-8B's shapes at full depth (32 layers, hidden 4096, vocab 128256,
 untied) is written as bf16 safetensors (5 GB files plus an index; generated tensor by tensor
 on the device, so the host never holds the model) to a temporary directory, then loaded by
-``fastprocon.models.load_model`` on one GPU in bf16 with ``fully_shard`` (a 1-process group):
+``fastprocon.models.load.load_model`` on one GPU in bf16 with ``fully_shard`` (a 1-process group):
 built on the meta device, then each tensor read from the memory-mapped files straight into its
 parameter. Reported: the peak allocated GPU memory during the load against the bf16 parameter
 size (the target: close to 1.0x, no second copy), the load time, and a forward's finite check.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -42,8 +41,8 @@ def write_random_model(directory: Path, shapes: dict, device: torch.device) -> i
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fastprocon.loading import INDEX_FILE
-    from fastprocon.specs import tiny_tokenizer
+    from fastprocon.models.loading import INDEX_FILE
+    from fastprocon.models.specs import tiny_tokenizer
 
     config = LlamaConfig(**shapes, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
     with torch.device("meta"):
@@ -87,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="CSV path (default benchmarks/results/load8b_<device>.csv)")
     args = p.parse_args(argv)
     device = harness.start(args)
-    from fastprocon.models import load_model, shard_for_inference
-    from fastprocon.train.distributed import init_distributed, shutdown
+    from fastprocon.distributed.process import init_distributed, shutdown
+    from fastprocon.distributed.sharding import shard_for_inference
+    from fastprocon.models.load import load_model
 
     shapes = TOY if args.toy else LLAMA3_8B
     scratch = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fastprocon-8b-"))

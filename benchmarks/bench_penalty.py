@@ -1,7 +1,7 @@
 """Benchmark the ProCon penalty: the fused paths against the unfused reference and torch.compile.
 
 Providers (``--providers``):
-  reference            ``fastprocon.ops.procon_penalty_ref``, eager: the naive version
+  reference            ``fastprocon.penalty.ops.procon_penalty_ref``, eager: the naive version
   compiled             ``torch.compile(procon_penalty_ref)``: the strong baseline a user would pick
   fastprocon           ``procon_penalty`` fused (Triton on CUDA, the chunked torch backend on CPU)
   injection-reference  ``anchor_projection(backend="reference")``: downstream gradient + the
@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
+import harness
 import torch
 from tqdm.auto import tqdm
 
-import harness
 from fastprocon import anchor_projection, procon_penalty
-from fastprocon.ops import procon_penalty_ref
+from fastprocon.penalty.ops import procon_penalty_ref
 
 PROVIDERS = ("reference", "compiled", "fastprocon", "injection-reference", "injection")
 MODES = ("forward", "backward", "full")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import harness
 
+import fastprocon.distributed as D
 from fastprocon.train import Trainer, load_config
-from fastprocon.train import distributed as D
 
 FIELDS = ["config", "what", "step", "seconds", "load_avg_1min", "threads"]
 

@@ -6,9 +6,9 @@ way the trainer starts it, up to the end of the first optimizer step (LoRA on q/
 optimizer state is small):
 
 * ``from_pretrained``: every process loads the whole model in fp32 with ``from_pretrained``
-  (and fingerprints it), then LoRA and ``fully_shard`` (the start-up before fastprocon.loading);
-* ``sharded``: ``fastprocon.models.load_model`` with LoRA and ``fully_shard`` applied on the
-  meta device, then each process reads only its shards (fastprocon.loading).
+  (and fingerprints it), then LoRA and ``fully_shard`` (the start-up before fastprocon.models.loading);
+* ``sharded``: ``fastprocon.models.load.load_model`` with LoRA and ``fully_shard`` applied on the
+  meta device, then each process reads only its shards (fastprocon.models.loading).
 
 Per process: the peak resident set from launch to the end of the first step (``ru_maxrss``,
 which includes the interpreter and torch, ~0.4 GiB, and the pages of the memory-mapped
@@ -51,7 +51,7 @@ def write_model(directory: Path, args) -> int:
     Returns the parameter count."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fastprocon.specs import tiny_tokenizer
+    from fastprocon.models.specs import tiny_tokenizer
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -89,9 +89,10 @@ def worker(path: str, directory: str, out: str) -> None:
     every rank's figures to ``out``."""
     import torch.distributed as dist
 
-    from fastprocon.models import decoder_layers, load_model
+    from fastprocon.distributed.sharding import shard_model
+    from fastprocon.models.layers import decoder_layers
+    from fastprocon.models.load import load_model
     from fastprocon.train import load_config
-    from fastprocon.train.distributed import shard_model
     from fastprocon.train.prepare import apply_lora
 
     if os.environ.get("FASTPROCON_BENCH_GLIBC_DEFAULT") != "1":
@@ -111,7 +112,7 @@ def worker(path: str, directory: str, out: str) -> None:
     else:   # today's start-up: the whole fp32 model on every process, fingerprinted, then sharded
         from transformers import AutoModelForCausalLM
 
-        from fastprocon.models import model_fingerprint
+        from fastprocon.models.load import model_fingerprint
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
         model_fingerprint(model)
         model = wrap(model)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "or ~/.cache/fastprocon/bench)")
     p.add_argument("--out", default=str(harness.RESULTS_DIR / "startup_cpu.csv"))
     args = p.parse_args(argv)
-    from fastprocon.specs import cache_root
+    from fastprocon.models.specs import cache_root
 
     shape = f"llama-l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-bf16"
     directory = Path(args.model_dir) if args.model_dir else cache_root().parent / "bench" / shape

@@ -5,7 +5,7 @@ One step is the trainer's (fastprocon/train/trainer.py) on one process: ProConHo
 the response mask, z0 [L, B, T] and scale = alpha / batch; model forward; CE sum over response
 predictions / their count; backward (carrying the ProCon gradient through the hooks);
 gradient clipping; fused AdamW; zero_grad. It is built here from the same public pieces
-(fastprocon.hooks, fastprocon.train.loss), without the trainer's data, reference-cache and
+(fastprocon.procon.hooks, fastprocon.train.loss), without the trainer's data, reference-cache and
 checkpoint machinery, so any model shape can be measured with no weights or data on disk.
 Single device, no FSDP: with ``--dtype bf16`` the parameters, gradients and AdamW state are bf16
 (activations are bf16 as under the trainer's FSDP2 bf16 mixed precision, but there is no fp32
@@ -23,7 +23,7 @@ MFU (CUDA): tokens/s x (6 N + 12 L D T) / the card's dense bf16 peak (train.metr
 parameters that take part in matmuls (the input embedding is a lookup, unless tied to the head).
 
 Models (``--models``, each optionally ``name:layers`` to keep only the first layers):
-  smollm2        the real SmolLM2-135M-Instruct (fastprocon.models.load_model)
+  smollm2        the real SmolLM2-135M-Instruct (fastprocon.models.load.load_model)
   smollm2-135m   random init, SmolLM2-135M shapes (30 layers, hidden 576, 9/3 heads, vocab 49152)
   llama3.2-1b    random init, Llama-3.2-1B shapes (16 layers, hidden 2048, 32/8 heads, vocab 128256)
   llama3-8b      random init, Llama-3-8B shapes (32 layers, hidden 4096, 32/8 heads, vocab 128256)
@@ -56,14 +56,15 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
+import train_setups
 from tqdm.auto import tqdm
 
-import harness
-import train_setups
-from fastprocon.data import IGNORE_INDEX
-from fastprocon.hooks import ProConHooks
-from fastprocon.models import decoder_layers, hidden_size, load_model
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.models.layers import decoder_layers, hidden_size
+from fastprocon.models.load import load_model
+from fastprocon.procon.hooks import ProConHooks
 from fastprocon.train.loss import ce_sum, shift_labels
 from fastprocon.train.metrics import attention_width, count_params, matmul_params, peak_flops, training_flops
 

@@ -2,7 +2,7 @@
 
 The same synthetic tokenized set (``--samples`` samples of 100-560 int32 tokens, ids, prompt
 lengths) is written (a) as the flat layout of fastprocon/data_cache.py (one token array + int64
-offsets, read through numpy memory maps, as fastprocon.mapped does) and (b) as an Arrow IPC
+offsets, read through numpy memory maps, as fastprocon.utils.mapped does) and (b) as an Arrow IPC
 file (list<int32> + string columns, the format under Hugging Face ``datasets``, read zero-copy
 from a memory map). Measured in one process, interleaved: write time, open time, the time to
 materialise one random sample as Python lists (what collate needs; Arrow both through

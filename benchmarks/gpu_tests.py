@@ -21,7 +21,7 @@ from test_penalty import DELTA, DTYPES, SHAPES, assert_close_to_truth, make_inpu
 
 from fastprocon import anchor_projection, procon_penalty  # noqa: E402
 from fastprocon.kernels import procon_projection as kernels  # noqa: E402
-from fastprocon.ops import NORMS  # noqa: E402
+from fastprocon.penalty.ops import NORMS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -186,7 +186,7 @@ def test_trainer_on_cuda_bf16_with_resume(tmp_path, monkeypatch):
     """The trainer's CUDA path: FSDP2 on one GPU (nccl), bf16 mixed precision, the Triton
     kernels at every layer, a checkpoint and a resume. Step 1 (same weights) matches an fp32
     CPU run up to bf16 rounding."""
-    from fastprocon import ops
+    from fastprocon.penalty import ops
     from fastprocon.train import load_config, train
     from fastprocon.train.metrics import read_metrics
 

@@ -38,8 +38,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from fastprocon.io import atomic_path, write_json
-from fastprocon.models import resolve_device
+from fastprocon.models.load import resolve_device
+from fastprocon.utils.io import atomic_path, write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Columns describing where a row was measured; every benchmark CSV starts with them.

@@ -18,7 +18,8 @@ from pathlib import Path
 import harness
 from bench_penalty import FIELDS as PENALTY_FIELDS
 from bench_train import FIELDS as TRAIN_FIELDS
-from fastprocon.io import atomic_path
+
+from fastprocon.utils.io import atomic_path
 
 PROVIDER_STYLE = {  # provider -> (color, linestyle)
     "reference": ("tab:gray", "-"), "compiled": ("tab:orange", "-"), "fastprocon": ("tab:blue", "-"),

@@ -46,13 +46,13 @@ import statistics
 import sys
 import time
 
+import harness
 import torch
 from tqdm.auto import tqdm
 
-import harness
-from fastprocon.data import IGNORE_INDEX, TokenizedExample, load_examples, tokenize_examples
-from fastprocon.hooks import ProConHooks
-from fastprocon.models import decoder_layers, hidden_size
+from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, load_examples, tokenize_examples
+from fastprocon.models.layers import decoder_layers, hidden_size
+from fastprocon.procon.hooks import ProConHooks
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
 from fastprocon.train.loss import ce_sum
@@ -154,7 +154,7 @@ def with_procon_inputs(batches: list[dict], n_layers: int, n_samples: int, devic
 
 
 def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = False) -> list[dict]:
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.data and spec not in ("smollm2", "tiny"):
         raise SystemExit("--data needs a model with a tokenizer: --models smollm2 or tiny")

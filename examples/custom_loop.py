@@ -7,9 +7,9 @@ import argparse
 
 import torch
 
-from fastprocon.data import collate, load_examples, resolve_data_path, tokenize_examples
+from fastprocon.data.examples import collate, load_examples, resolve_data_path, tokenize_examples
 from fastprocon.integrations import ProCon
-from fastprocon.models import load_model
+from fastprocon.models.load import load_model
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny test model")

@@ -11,9 +11,9 @@ import tempfile
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from fastprocon.data import load_examples, resolve_data_path
+from fastprocon.data.examples import load_examples, resolve_data_path
 from fastprocon.integrations import add_procon, with_safety_samples
-from fastprocon.models import load_model
+from fastprocon.models.load import load_model
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny test model")

@@ -38,20 +38,21 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from fastprocon.checksums import file_sha256  # noqa: E402
-from fastprocon.io import write_json  # noqa: E402
-from fastprocon.loading import read_header  # noqa: E402
-
 from procon_smollm2 import Experiment, cpu_threads, main, read_rows, toml_value  # noqa: E402
 from provenance import describe  # noqa: E402
 from stats import wilson  # noqa: E402
+
+from fastprocon.models.loading import read_header  # noqa: E402
+from fastprocon.utils.checksums import file_sha256  # noqa: E402
+from fastprocon.utils.io import write_json  # noqa: E402
 
 CONFIGS = HERE / "configs" / "powered"
 SIZES = {
@@ -136,7 +137,7 @@ class PoweredExperiment(Experiment):
         """Disjoint seeded slices. Evaluation prompts are used nowhere else: harmful = the part of
         harmful_train not used for directions + harmful_val (HarmBench) + held-out safety rows,
         harmless = harmless_val; each split into test and validation in proportion per source."""
-        from fastprocon.evaluate import is_refusal
+        from fastprocon.refusal.evaluate import is_refusal
 
         a, src, rng = self.args, Path(self.args.data), random.Random(self.args.seed)
 
@@ -295,9 +296,10 @@ class PoweredExperiment(Experiment):
             return self._evaluate(model)
 
     def _evaluate(self, model: str) -> tuple[dict, list[dict]]:
-        from fastprocon.data import load_examples, load_instructions
-        from fastprocon.evaluate import evaluate_refusal
         from task_eval import test_loss
+
+        from fastprocon.data.examples import load_examples, load_instructions
+        from fastprocon.refusal.evaluate import evaluate_refusal
 
         loaded = self.load(model)
         sets = {name: load_instructions(self.data_dir / f"{name}.json")

@@ -26,9 +26,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from fastprocon.io import write_json  # noqa: E402
 from provenance import describe  # noqa: E402
 from stats import mean_std, recovery, welch_t  # noqa: E402
+
+from fastprocon.utils.io import write_json  # noqa: E402
 
 VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_wu_safe_token")
 PROCON = [v for v in VARIANTS if v.startswith("procon")]

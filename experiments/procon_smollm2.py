@@ -28,19 +28,20 @@ import shlex
 import shutil
 import sys
 import time
-import tomllib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+import tomllib
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from fastprocon.cli import main as fastprocon_main  # noqa: E402
-from fastprocon.io import write_json  # noqa: E402
-
 import report  # noqa: E402  (experiments/report.py)
 from provenance import code_version, describe  # noqa: E402  (experiments/provenance.py)
+
+from fastprocon.cli import main as fastprocon_main  # noqa: E402
+from fastprocon.utils.io import write_json  # noqa: E402
 
 SIZES = {  # --sizes presets; any single size can still be set by its own flag
     "cpu": dict(n_align_safety=64, n_distill=16, n_direction=64, n_gsm8k_train=32, n_safe_mix=8,
@@ -175,7 +176,7 @@ class Experiment:
 
     def load(self, spec: str):
         """A model for the driver's own API calls, on the --device the CLIs get."""
-        from fastprocon.models import load_model, resolve_device
+        from fastprocon.models.load import load_model, resolve_device
 
         return load_model(spec, device=resolve_device(self.device_flag))
 
@@ -192,7 +193,7 @@ class Experiment:
         prompts. harmful/harmless_train: directions (and, disjoint, the distillation prompts).
         GSM8K train: stage-3 rows; test: loss and exact-match rows. Evaluation harmful prompts:
         HarmBench (harmful_val.json, never used elsewhere) + the held-out safety slice."""
-        from fastprocon.evaluate import is_refusal
+        from fastprocon.refusal.evaluate import is_refusal
 
         a, src = self.args, Path(self.args.data)
         rng = random.Random(a.seed)
@@ -242,11 +243,11 @@ class Experiment:
     def distill(self) -> None:
         """Benign pairs for stage 1: the built-in benign set plus the base model's own greedy answers to
         Alpaca instructions (keeps its helpful behaviour, so refusal training does not spread to them)."""
-        from fastprocon.data import builtin_path, load_instructions
-        from fastprocon.evaluate import greedy_completions, is_refusal
+        from fastprocon.data.examples import builtin_path, load_instructions
+        from fastprocon.refusal.evaluate import greedy_completions, is_refusal
 
         self.log["distill"]["commands"].append(
-            f"# fastprocon.evaluate.greedy_completions of {self.args.model} on data/distill_prompts.json "
+            f"# fastprocon.refusal.evaluate.greedy_completions of {self.args.model} on data/distill_prompts.json "
             f"({self.distill_tokens()} tokens, python API)")
         prompts = load_instructions(self.data_dir / "distill_prompts.json")
         answers, _ = greedy_completions(self.load(self.args.model), prompts, max_new_tokens=self.distill_tokens(),
@@ -321,8 +322,9 @@ class Experiment:
                 + [f"{k}={toml_value(v)}" for k, v in keys.items()] + self.args.ift)
 
     def evaluate(self, name: str, model: str) -> None:
-        from fastprocon.data import load_examples
         from task_eval import exact_match, test_loss
+
+        from fastprocon.data.examples import load_examples
 
         out = self.path("eval", name)
         self.fastprocon(f"eval:{name}", ["eval-refusal", "--model", model, *self.model_flags(),
@@ -347,9 +349,10 @@ class Experiment:
 
     def projection_drift(self) -> None:
         """Mean |z - z0| on the GSM8K training rows for every variant, z0 from the aligned model."""
-        from fastprocon.data import load_examples, tokenize_examples
-        from fastprocon.directions import load_directions
         from projection_drift import deviation, projections
+
+        from fastprocon.data.examples import load_examples, tokenize_examples
+        from fastprocon.refusal.directions import load_directions
 
         directions = load_directions(self.directions_file)
         self.log["projection_drift"]["commands"].append(

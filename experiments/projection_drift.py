@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from fastprocon.directions import DirectionSet
-from fastprocon.models import LoadedModel
-from fastprocon.reference import compute_projections
+from fastprocon.models.load import LoadedModel
+from fastprocon.procon.reference import compute_projections
+from fastprocon.refusal.directions import DirectionSet
 
 
 def projections(loaded: LoadedModel, directions: DirectionSet, tokenized: list, batch_size: int = 8) -> dict:

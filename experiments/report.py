@@ -18,9 +18,10 @@ import json
 import shutil
 from pathlib import Path
 
-from fastprocon.io import write_json
-from fastprocon.plots import line_plot
 from provenance import describe
+
+from fastprocon.utils.io import write_json
+from fastprocon.utils.plots import line_plot
 
 
 def _load(path: Path) -> dict:

@@ -11,9 +11,9 @@ import re
 
 import torch
 
-from fastprocon.data import IGNORE_INDEX, Example, collate, tokenize_examples
-from fastprocon.evaluate import greedy_completions
-from fastprocon.models import LoadedModel
+from fastprocon.data.examples import IGNORE_INDEX, Example, collate, tokenize_examples
+from fastprocon.models.load import LoadedModel
+from fastprocon.refusal.evaluate import greedy_completions
 from fastprocon.train.loss import ce_sum, shift_labels
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

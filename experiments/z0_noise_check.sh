@@ -14,8 +14,8 @@ fp() { "$PY" -c "import sys, torch; torch.set_num_threads(1); from fastprocon.cl
 "$PY" - "$W/reference/gsm8k.safetensors" "$OUT/gsm8k_noisy.safetensors" <<'PY'
 import shutil, sys, torch
 from pathlib import Path
-from fastprocon.mapped import ChunkWriter, to_torch
-from fastprocon.reference_files import SHARD_FORMAT, Z0Files, shard_path
+from fastprocon.utils.mapped import ChunkWriter, to_torch
+from fastprocon.procon.reference_files import SHARD_FORMAT, Z0Files, shard_path
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 files = Z0Files(src)
 world, gen = len(files.shards), torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ The fused projection penalty is the public core:
 
 See docs/design.md for the modules behind the trainer and tools.
 """
-from fastprocon.penalty import ProConPenalty, anchor_projection, procon_penalty
+from fastprocon.penalty import ProConPenalty, anchor_projection, procon_penalty, procon_penalty_ref
 
-__all__ = ["procon_penalty", "anchor_projection", "ProConPenalty"]
+__all__ = ["procon_penalty", "anchor_projection", "ProConPenalty", "procon_penalty_ref"]
 __version__ = "0.1.0"

@@ -26,8 +26,8 @@ def second_step_gradients(cfg):
     -> (CE/ProCon sums of step 2 summed over processes, full gradients by parameter name,
         micro-batches of step 2 on this process, packed rows of step 2 on this process)
     """
+    import fastprocon.distributed as D
     from fastprocon.train import Trainer
-    from fastprocon.train import distributed as D
 
     ctx = D.init_distributed("cpu")
     try:

@@ -3,9 +3,9 @@ import argparse
 
 import pytest
 
-from fastprocon import argtypes, models
+from fastprocon.cli import args as argtypes
 from fastprocon.cli import main
-from fastprocon.io import check_output
+from fastprocon.utils.io import check_output
 
 
 @pytest.fixture
@@ -13,7 +13,7 @@ def no_model(monkeypatch):
     """Make loading a model fail loudly: the checks under test must come before it."""
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(argtypes, "load_model", refuse)
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_missing_input_file_is_a_user_error(tmp_path, capsys):
 def test_other_exceptions_keep_their_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug, not bad input")
-    monkeypatch.setattr(models, "load_model", broken)
+    monkeypatch.setattr(argtypes, "load_model", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["eval-refusal", "--model", "tiny", "--out", str(tmp_path / "x.json")])
 

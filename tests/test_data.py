@@ -1,4 +1,4 @@
-"""fastprocon.data: row formats, errors, ids, tokenization with response-only labels, collate, mixing."""
+"""fastprocon.data.examples: row formats, errors, ids, tokenization with response-only labels, collate, mixing."""
 import json
 import logging
 from pathlib import Path
@@ -6,10 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprocon.data import (BUILTIN_SETS, IGNORE_INDEX, Example, TokenizedExample, builtin_path, collate,
-                             dataset_hash, format_prompt, load_examples, load_examples_report, load_instructions,
-                             mix_examples, resolve_data_path, tokenize_examples)
-from fastprocon.models import tiny_tokenizer
+from fastprocon.data.examples import (
+    BUILTIN_SETS,
+    IGNORE_INDEX,
+    Example,
+    TokenizedExample,
+    builtin_path,
+    collate,
+    dataset_hash,
+    format_prompt,
+    load_examples,
+    load_examples_report,
+    load_instructions,
+    mix_examples,
+    resolve_data_path,
+    tokenize_examples,
+)
+from fastprocon.models.specs import tiny_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REFUSAL_PHRASES = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i am unable", "i'm unable")
@@ -124,7 +137,7 @@ def test_skip_bad_rows_counts_and_logs(tmp_path, caplog):
     report = load_examples_report(path, skip_bad_rows=True)
     assert report.n_rows == 5 and len(report.examples) == 2 and len(report.skipped) == 3
     assert [m.split(": ")[0][-6:] for m in report.skipped] == ["line 2", "line 3", "line 6"]
-    with caplog.at_level(logging.WARNING, logger="fastprocon.data"):
+    with caplog.at_level(logging.WARNING, logger="fastprocon.data.examples"):
         assert len(load_examples(path, skip_bad_rows=True)) == 2
     assert "skipped 3 of 5 rows" in caplog.text
 
@@ -201,7 +214,7 @@ def test_prompt_filling_max_length_is_an_error_or_dropped(tok, caplog):
     examples = [Example("fits", "Q", "A"), Example("overlong", "Q" * 50, "A")]
     with pytest.raises(ValueError, match=r"1 example\(s\) have prompts of >= max_length=30 tokens.*overlong"):
         tokenize_examples(examples, tok, max_length=30)
-    with caplog.at_level(logging.WARNING, logger="fastprocon.data"):
+    with caplog.at_level(logging.WARNING, logger="fastprocon.data.examples"):
         kept, _ = tokenize_examples(examples, tok, max_length=30, drop_overlong_prompts=True)
     assert [t.id for t in kept] == ["fits"] and "overlong" in caplog.text
     with pytest.raises(ValueError, match="max_length must be an int >= 2"):

@@ -11,13 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from fastprocon import data_cache
-from fastprocon.data import (IGNORE_INDEX, TokenizedExample, builtin_path, dataset_hash, load_examples,
-                             load_examples_report, mix_examples, tokenize_examples)
-from fastprocon.data_cache import TokenizedDataset, load_training_set, open_cache
-from fastprocon.mapped import ChunkWriter, MappedFile, read_rows
-from fastprocon.models import tiny_tokenizer
+from fastprocon.data import cache as data_cache
+from fastprocon.data.cache import TokenizedDataset, load_training_set, open_cache
+from fastprocon.data.examples import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    builtin_path,
+    dataset_hash,
+    load_examples,
+    load_examples_report,
+    mix_examples,
+    tokenize_examples,
+)
+from fastprocon.models.specs import tiny_tokenizer
 from fastprocon.train.loss import example_counts
+from fastprocon.utils.mapped import ChunkWriter, MappedFile, read_rows
 
 ROWS = [{"instruction": f"Question {i}: what is {i} plus {i}?", "output": f"It is {2 * i}." + " more" * (i % 7)}
         for i in range(40)] + [{"instruction": "Question 3: what is 3 plus 3?", "output": "It is 6."}] * 2
@@ -109,7 +117,7 @@ def test_safety_mix_and_dropped_prompts_match_the_plain_path(tmp_path, data, tok
     with pytest.raises(ValueError, match=r"1 example\(s\) have prompts of >= max_length=80"):
         load_training_set(long, tok, 80, cache_dir=tmp_path)
     assert not list(tmp_path.glob("long-*"))                                    # nothing half-written
-    with caplog.at_level(logging.WARNING, logger="fastprocon.data"):
+    with caplog.at_level(logging.WARNING, logger="fastprocon.data.examples"):
         kept = load_training_set(long, tok, 80, drop_overlong_prompts=True, cache_dir=tmp_path)
     same_samples(kept, plain(long, tok, 80, drop_overlong_prompts=True))
     assert len(kept) == 1 and kept.info["n_examples"] == 2 and "dropped" in caplog.text
@@ -272,7 +280,7 @@ def test_streamed_build_writes_the_whole_list_builds_file_byte_for_byte(tmp_path
 
 
 def test_streamed_scan_errors_equal_the_whole_file_reads(tmp_path):
-    from fastprocon.data import scan_jsonl
+    from fastprocon.data.examples import scan_jsonl
 
     def both(content: bytes, **kw):
         path = tmp_path / "e.jsonl"

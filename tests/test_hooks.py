@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-import fastprocon.hooks as hooks_module
+import fastprocon.procon.hooks as hooks_module
 from fastprocon import procon_penalty
-from fastprocon.hooks import ProConHooks, stack_recorded
-from fastprocon.models import decoder_layers, load_model
+from fastprocon.models.layers import decoder_layers
+from fastprocon.models.load import load_model
+from fastprocon.procon.hooks import ProConHooks, stack_recorded
 
 LAYERS = [1, 3]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprocon.data import IGNORE_INDEX, collate
+from fastprocon.data.examples import IGNORE_INDEX, collate
 from fastprocon.integrations import ProCon
 from fastprocon.integrations.samples import Segment, batch_samples, sample_segments
-from fastprocon.models import load_model
+from fastprocon.models.load import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_TRL = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
@@ -68,7 +68,7 @@ def tiny_directions(tmp_path_factory):
 
 
 def tiny_batches(tokenizer, n=8, batch_size=4):
-    from fastprocon.data import load_examples, resolve_data_path, tokenize_examples
+    from fastprocon.data.examples import load_examples, resolve_data_path, tokenize_examples
     examples, _ = tokenize_examples(load_examples(resolve_data_path("benign"))[:n], tokenizer, 96)
     batches = [collate(examples[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, n, batch_size)]
     for b in batches:
@@ -189,8 +189,8 @@ def perturb(model):
 def fastprocon_step(run_dir):
     """One step of fastprocon's own trainer on tiny (2 micro-batches of 4): its data, CE, ProCon,
     gradients and updated weights, with the model perturbed after z0 was recorded."""
+    import fastprocon.distributed as D
     from fastprocon.train import Trainer, load_config
-    from fastprocon.train import distributed as D
     from fastprocon.train.checkpoint import full_model_state_dict
 
     cfg = load_config("tiny", [f"run_dir={run_dir}", "batch_size=8", "micro_batch_size=4", "alpha=0.5",
@@ -265,7 +265,7 @@ def test_packed_trl_batches_find_the_right_z0(tmp_path, tiny_directions):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from fastprocon.data import load_examples, resolve_data_path
+    from fastprocon.data.examples import load_examples, resolve_data_path
     from fastprocon.integrations import add_procon
 
     rows = [{"prompt": [{"role": "user", "content": ex.prompt}],

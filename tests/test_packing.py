@@ -8,18 +8,16 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import second_step_gradients
 
-from fastprocon.data import IGNORE_INDEX, TokenizedExample, collate
-from fastprocon.models import load_model
-from fastprocon.train import Trainer, load_config
-from fastprocon.train import distributed as D
-from fastprocon.train import packing
+import fastprocon.distributed as D
+from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, collate
+from fastprocon.models.load import load_model
+from fastprocon.train import Trainer, load_config, packing
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.chunked_ce import HAS_LINEAR_CE, linear_ce_sum
 from fastprocon.train.loss import shift_labels
 from fastprocon.train.metrics import training_flops
-
-from conftest import second_step_gradients
 
 
 def test_plan_rows_keeps_every_sample_once_within_capacity():

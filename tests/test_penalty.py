@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastprocon import anchor_projection, procon_penalty
-from fastprocon.ops import NORMS, psi_and_grad
+from fastprocon.penalty.ops import NORMS, psi_and_grad
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["triton", "torch", "reference"]

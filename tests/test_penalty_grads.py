@@ -2,10 +2,10 @@
 normalisation at extreme magnitudes, for every backend (triton under the interpreter)."""
 import pytest
 import torch
+from test_penalty import make_inputs
 
 from fastprocon import anchor_projection, procon_penalty
-from fastprocon.ops import NORMS
-from test_penalty import make_inputs
+from fastprocon.penalty.ops import NORMS
 
 FUSED = ["torch", pytest.param("triton", id="triton-interpreted")]
 ALL = FUSED + ["reference"]

@@ -13,10 +13,10 @@ import random
 
 import pytest
 import torch
+from test_penalty import assert_close_to_truth as close_when_nonempty
 
 from fastprocon import anchor_projection, procon_penalty
-from fastprocon.ops import NORMS, psi_and_grad
-from test_penalty import assert_close_to_truth as close_when_nonempty
+from fastprocon.penalty.ops import NORMS, psi_and_grad
 
 N_CASES = 300
 HIDDEN_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

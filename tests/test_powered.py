@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "experiments"))
@@ -107,9 +106,8 @@ def test_same_run_compares_every_logged_value_but_timings(tmp_path):
 
 def test_tensor_digest_ignores_metadata_not_values(tmp_path):
     import torch
-    from safetensors.torch import save_file
-
     from powered import tensors_sha256
+    from safetensors.torch import save_file
 
     t = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
     save_file(t, tmp_path / "x.safetensors", metadata={"created": "monday", "model": "/here"})

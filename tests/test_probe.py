@@ -99,9 +99,9 @@ def test_probe_equals_eval_refusal_drift_and_the_reference_cache(probe_run, tmp_
     assert [c for c in last["probe_drift_cos"] if c is not None] == pytest.approx([c for c in cos if c is not None],
                                                                                   abs=1e-5)
     # projection deviation against the trainer's own reference cache (z0 of the initial model)
-    from fastprocon.directions import load_directions
-    from fastprocon.models import load_model
-    from fastprocon.reference import ReferenceCache, compute_projections
+    from fastprocon.models.load import load_model
+    from fastprocon.procon.reference import ReferenceCache, compute_projections
+    from fastprocon.refusal.directions import load_directions
     from fastprocon.train.prepare import load_training_data
     loaded = load_model(str(probe_run / "model"))
     cache = ReferenceCache.load(probe_run / "reference.safetensors", model_fingerprint=None, directions_hash=None,

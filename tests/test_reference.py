@@ -8,13 +8,20 @@ import pytest
 import torch
 
 from fastprocon.cli import main
-from fastprocon.data import builtin_path, collate, dataset_hash, load_examples, load_instructions, tokenize_examples
-from fastprocon.directions import directions_hash, extract_directions, save_directions
-from fastprocon.io import save_safetensors
-from fastprocon.models import load_model
-from fastprocon.reference import ReferenceCache, compute_projections, iter_projections, parse_layers
-from fastprocon.reference_files import shard_path, write_index, write_shard
-from fastprocon.steering import on_layer_inputs
+from fastprocon.data.examples import (
+    builtin_path,
+    collate,
+    dataset_hash,
+    load_examples,
+    load_instructions,
+    tokenize_examples,
+)
+from fastprocon.models.load import load_model
+from fastprocon.procon.reference import ReferenceCache, compute_projections, iter_projections, parse_layers
+from fastprocon.procon.reference_files import shard_path, write_index, write_shard
+from fastprocon.refusal.directions import directions_hash, extract_directions, save_directions
+from fastprocon.refusal.steering import on_layer_inputs
+from fastprocon.utils.io import save_safetensors
 
 MAX_LENGTH = 160
 

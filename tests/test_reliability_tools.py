@@ -8,12 +8,12 @@ import torch
 
 from fastprocon import anchor_projection, procon_penalty
 from fastprocon.cli import main
-from fastprocon.data import builtin_path, load_instructions
-from fastprocon.directions import extract_directions, prompt_states, save_directions
-from fastprocon.evaluate import greedy_completions
-from fastprocon.io import check_output
-from fastprocon.models import load_model
-from fastprocon.prompts import encode_prompts
+from fastprocon.data.examples import builtin_path, load_instructions
+from fastprocon.data.prompts import encode_prompts
+from fastprocon.models.load import load_model
+from fastprocon.refusal.directions import extract_directions, prompt_states, save_directions
+from fastprocon.refusal.evaluate import greedy_completions
+from fastprocon.utils.io import check_output
 
 HARMFUL = load_instructions(builtin_path("harmful"))[:4]
 HARMLESS = load_instructions(builtin_path("harmless"))[:4]

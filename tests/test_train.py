@@ -10,17 +10,17 @@ import re
 import pytest
 import torch
 
-import fastprocon.hooks as hooks_module
+import fastprocon.procon.hooks as hooks_module
 import fastprocon.train.checkpoint as checkpoint_module
-from fastprocon.checksums import write_manifest
 from fastprocon.cli import main
-from fastprocon.directions import load_directions, save_directions
-from fastprocon.models import load_model
-from fastprocon.reference import ReferenceCache, compute_projections
+from fastprocon.models.load import load_model
+from fastprocon.procon.reference import ReferenceCache, compute_projections
+from fastprocon.refusal.directions import load_directions, save_directions
 from fastprocon.train import NonFiniteError, Trainer, load_config, train
 from fastprocon.train.config import to_toml
 from fastprocon.train.metrics import read_metrics
 from fastprocon.train.prepare import load_training_data
+from fastprocon.utils.checksums import write_manifest
 
 COMPARED = ("step", "ce", "procon", "alpha", "lr", "grad_norm")
 

@@ -4,11 +4,13 @@ import math
 import pytest
 
 from fastprocon.cli import main
-from fastprocon.data import TokenizedExample
+from fastprocon.data.examples import TokenizedExample
+from fastprocon.procon.config import procon_scale
+from fastprocon.procon.schedule import AlphaSchedule
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.config import CONFIG_DIR, Config, ProConConfig, load_config, to_toml
-from fastprocon.train.loss import example_counts, procon_scale
-from fastprocon.train.schedule import AlphaSchedule, WarmupCosine
+from fastprocon.train.loss import example_counts
+from fastprocon.train.schedule import WarmupCosine
 
 
 def write(tmp_path, text, name="c.toml"):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import second_step_gradients
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ def two_proc_run(tmp_path_factory):
 
 
 def test_two_process_fsdp2_run_through_the_cli(two_proc_run):
-    from fastprocon.models import load_model
+    from fastprocon.models.load import load_model
     from fastprocon.train.metrics import read_metrics
 
     records = read_metrics(two_proc_run)

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 import fastprocon.train.metrics as metrics_module
-from fastprocon.checksums import verify_manifest
 from fastprocon.cli import main
 from fastprocon.train import load_config, train
 from fastprocon.train.checkpoint import CheckpointError
 from fastprocon.train.metrics import read_metrics
 from fastprocon.train.signals import STOP_EXIT_STATUS
+from fastprocon.utils.checksums import verify_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,6 +235,7 @@ def test_the_stop_flag_is_agreed_at_the_boundary_or_one_later_when_lagged(monkey
     lagged is the GPU mode (on CUDA with a pinned copy and an event, not available here)."""
     import torch
     import torch.distributed as dist
+
     from fastprocon.train.signals import StopRequest
     other = {"flag": 0}
 

@@ -9,8 +9,14 @@
 """
 from __future__ import annotations
 
-from fastprocon.data import (Example, TokenizedExample, load_examples, mix_examples, resolve_data_path,
-                             tokenize_examples)
+from fastprocon.data.examples import (
+    Example,
+    TokenizedExample,
+    load_examples,
+    mix_examples,
+    resolve_data_path,
+    tokenize_examples,
+)
 
 
 def _datasets():

@@ -4,7 +4,7 @@
 
 - refusal directions: loaded from a file (checked against the model: fingerprint, layers,
   hidden size) or made from the built-in harmful/harmless prompts (saved when a path is given);
-- hooks: fastprocon's :class:`~fastprocon.hooks.ProConHooks` at the constrained decoder-layer
+- hooks: fastprocon's :class:`~fastprocon.procon.hooks.ProConHooks` at the constrained decoder-layer
   inputs, plus one forward pre-hook on the model itself that arms them for each training
   forward from the forward's own ``labels`` (response mask = labels != -100 at the input
   positions, as ``fastprocon train``) and the batch's z0;
@@ -36,16 +36,21 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from fastprocon.data import load_instructions, resolve_data_path
-from fastprocon.directions import (DirectionSet, directions_hash, extract_directions, load_directions_for,
-                                   save_directions)
-from fastprocon.hooks import ProConHooks, stack_recorded
+from fastprocon.data.examples import load_instructions, resolve_data_path
 from fastprocon.integrations.samples import batch_samples, gather_z0, model_inputs, record_reference
-from fastprocon.models import LoadedModel, model_fingerprint, unwrap_model
-from fastprocon.reference import ReferenceCache, parse_layers
-from fastprocon.train.config import Config, ModelConfig, ProConConfig, validate
-from fastprocon.train.loss import procon_scale
-from fastprocon.train.schedule import AlphaSchedule
+from fastprocon.models.layers import unwrap_model
+from fastprocon.models.load import LoadedModel, model_fingerprint
+from fastprocon.procon.config import ProConConfig, procon_scale, validate_procon
+from fastprocon.procon.hooks import ProConHooks, stack_recorded
+from fastprocon.procon.reference import ReferenceCache, parse_layers
+from fastprocon.procon.schedule import AlphaSchedule
+from fastprocon.refusal.directions import (
+    DirectionSet,
+    directions_hash,
+    extract_directions,
+    load_directions_for,
+    save_directions,
+)
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -95,7 +100,7 @@ class ProCon:
         steps_per_epoch: optimizer steps per epoch, needed only for ``alpha_warmup_epochs``.
         reference_cache: where the pre-pass writes z0 (or reads it, when the file exists and
             matches this model and directions); None = a temporary file.
-        **settings: the keys of ``fastprocon train``'s ``[procon]`` section (train/config.py's
+        **settings: the keys of ``fastprocon train``'s ``[procon]`` section (procon/config.py's
             ProConConfig), with the same defaults: alpha=0.1, schedule="constant" | "warmup" |
             "off", alpha_after, alpha_warmup_steps, alpha_warmup_epochs, layers="all" or
             [indices], norm, delta, reduction, backend, directions (a file; made there when
@@ -111,7 +116,7 @@ class ProCon:
                              "directions at the last token of the chat-formatted prompt; set tokenizer.chat_template")
         settings.setdefault("reference", "adapters_off" if is_peft(model) else "cache")
         cfg = ProConConfig(**settings)
-        validate(Config(model=ModelConfig(lora=is_peft(model)), procon=cfg))
+        validate_procon(cfg, lora=is_peft(model))
         if cfg.schedule == "warmup" and cfg.alpha_warmup_epochs > 0 and not steps_per_epoch:
             raise ValueError("alpha_warmup_epochs needs steps_per_epoch (optimizer steps per epoch); or give "
                              "alpha_warmup_steps instead")

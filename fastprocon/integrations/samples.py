@@ -21,11 +21,11 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from fastprocon.data import IGNORE_INDEX
-from fastprocon.hooks import ProConHooks, stack_recorded
-from fastprocon.models import unwrap_model
-from fastprocon.reference import ReferenceCache
-from fastprocon.reference_files import write_index, write_shard
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.models.layers import unwrap_model
+from fastprocon.procon.hooks import ProConHooks, stack_recorded
+from fastprocon.procon.reference import ReferenceCache
+from fastprocon.procon.reference_files import write_index, write_shard
 
 # batch keys passed on to the model when the pre-pass re-runs a batch (flash-attention's
 # padding-free keys included); labels are left out, so no loss is computed

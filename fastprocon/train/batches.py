@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastprocon.data import TokenizedExample, collate
+from fastprocon.data.examples import TokenizedExample, collate
 from fastprocon.train.loss import shift_labels
 from fastprocon.train.packing import empty_row, pack_collated, plan_rows
 
@@ -98,7 +98,7 @@ class StepBatches:
 
     def micro_batches(self, step: int) -> list[dict]:
         """This rank's micro-batches for optimizer step ``step``, on CPU: dicts as
-        :func:`fastprocon.data.collate` returns plus "targets" (next-token labels), or packed rows
+        :func:`fastprocon.data.examples.collate` returns plus "targets" (next-token labels), or packed rows
         (:func:`fastprocon.train.packing.pack_collated`; empty rows where this rank is short)."""
         rows = self.rows(step)
         n_accum = -(-len(rows) // self.world_size)

@@ -35,12 +35,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
-from fastprocon.checksums import verify_manifest, write_manifest
-from fastprocon.io import atomic_path
-from fastprocon.train.distributed import DistContext, barrier, broadcast_object, on_main
+from fastprocon.distributed.collectives import barrier, broadcast_object, on_main
+from fastprocon.distributed.process import DistContext
+from fastprocon.utils.checksums import verify_manifest, write_manifest
+from fastprocon.utils.io import atomic_path
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fastprocon.data import IGNORE_INDEX
-from fastprocon.models import unwrap_model
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.models.layers import unwrap_model
 
 HAS_LINEAR_CE = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
 CHUNK_ELEMENTS = 1 << 25     # rows x vocab of one chunk: 128 MiB of fp32 logits

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
+
+from fastprocon.procon.config import PROCON_CHOICES, ProConConfig, validate_procon
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -43,27 +46,6 @@ class DataConfig:
     skip_bad_rows: bool = False
     drop_overlong_prompts: bool = False    # drop examples whose prompt alone fills max_length (else an error)
     packing: str = "auto"                  # whole samples packed into rows: "auto" (where exact), "on", "off"
-
-
-@dataclass
-class ProConConfig:
-    schedule: str = "constant"             # "constant" (ProCon_s), "warmup" (ProCon_wu), "off" (plain IFT)
-    alpha: float = 0.1                     # constant alpha, or the warm-up alpha
-    alpha_after: float = 0.0               # alpha after the warm-up (0 = the penalty is skipped entirely)
-    alpha_warmup_steps: int = 0            # warm-up length in optimizer steps ...
-    alpha_warmup_epochs: float = 0.0       # ... or in epochs (exactly one of the two for "warmup")
-    layers: str | list[int] = "all"        # "all" = every layer that has a direction, or layer indices
-    norm: str = "l1"                       # "l1" (paper), "l2sq", "huber"
-    delta: float = 1.0                     # huber delta
-    reduction: str = "sample"              # "sample": mean over samples (paper); "token": mean over tokens
-    backend: str = "auto"                  # penalty backend: "auto", "triton", "torch", "reference"
-    directions: str = ""                   # an existing directions file; "" = <run dir>/directions.safetensors
-    harmful: str = "harmful"               # prompts for making directions when the file is absent
-    harmless: str = "harmless"
-    direction_batch_size: int = 16
-    reference: str = "cache"               # z0 from "cache" or computed with LoRA "adapters_off"
-    reference_cache: str = ""              # an existing cache file; "" = <run dir>/reference.safetensors
-    reference_dtype: str = "fp32"          # cache storage: "fp32" or "bf16"
 
 
 @dataclass
@@ -128,12 +110,7 @@ CHOICES = {
     "model.mixed_precision": ("auto", "bf16", "fp32"),
     "model.compile": ("auto", "on", "off"),
     "data.packing": ("auto", "on", "off"),
-    "procon.schedule": ("constant", "warmup", "off"),
-    "procon.norm": ("l1", "l2sq", "huber"),
-    "procon.reduction": ("sample", "token"),
-    "procon.backend": ("auto", "triton", "torch", "reference"),
-    "procon.reference": ("cache", "adapters_off"),
-    "procon.reference_dtype": ("fp32", "bf16"),
+    **{f"procon.{key}": allowed for key, allowed in PROCON_CHOICES.items()},
 }
 
 
@@ -286,23 +263,7 @@ def validate(cfg: Config) -> None:
     need(d.safety_samples >= 0, "data.safety_samples", ">= 0")
     need(d.safety_samples == 0 or bool(d.safety), "data.safety", "a data file when safety_samples > 0")
     need(d.max_length >= 2, "data.max_length", ">= 2")
-    need(finite(p.alpha) and p.alpha >= 0, "procon.alpha", "a finite number >= 0")
-    need(finite(p.alpha_after) and p.alpha_after >= 0, "procon.alpha_after", "a finite number >= 0")
-    need(p.alpha_warmup_steps >= 0, "procon.alpha_warmup_steps", ">= 0")
-    need(finite(p.alpha_warmup_epochs) and p.alpha_warmup_epochs >= 0, "procon.alpha_warmup_epochs", ">= 0")
-    if p.schedule == "warmup":
-        need((p.alpha_warmup_steps > 0) != (p.alpha_warmup_epochs > 0), "procon.alpha_warmup_steps",
-             "> 0 with alpha_warmup_epochs = 0, or 0 with alpha_warmup_epochs > 0 (exactly one warm-up length "
-             "for schedule = 'warmup')")
-    if isinstance(p.layers, str):
-        need(p.layers == "all", "procon.layers", "'all' or a list of layer indices")
-    else:
-        need(len(p.layers) > 0 and all(i >= 0 for i in p.layers) and len(set(p.layers)) == len(p.layers),
-             "procon.layers", "a non-empty list of distinct layer indices >= 0")
-    need(finite(p.delta) and p.delta > 0, "procon.delta", "> 0")
-    need(p.direction_batch_size >= 1, "procon.direction_batch_size", ">= 1")
-    need(p.reference == "cache" or m.lora, "procon.reference",
-         "'cache' unless model.lora = true (only LoRA keeps the initial model: adapters off)")
+    validate_procon(p, lora=m.lora)
     need(finite(o.lr) and o.lr > 0, "optim.lr", "> 0")
     need(finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", ">= 0")
     need(0 <= o.beta1 < 1, "optim.beta1", "in [0, 1)")

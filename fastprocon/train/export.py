@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from fastprocon.models import load_model
+from fastprocon.models.load import load_model
 from fastprocon.train.config import Config
+from fastprocon.train.prepare import apply_lora
 
 DIRECTIONS_FILE = "directions.safetensors"
 
@@ -34,8 +35,6 @@ def clean_export_staging(out_dir: Path) -> list[str]:
 def export_model(cfg: Config, full_state_dict: dict, out_dir: Path, directions_path: Path | None) -> Path:
     """Write ``out_dir`` (replacing it atomically): config, safetensors weights, tokenizer and,
     when given, a copy of the directions file. Call on rank 0 with the gathered state dict."""
-    from fastprocon.train.prepare import apply_lora
-
     loaded = load_model(cfg.model.spec, dtype=torch.float32, device="cpu")
     model = apply_lora(cfg, loaded.model) if cfg.model.lora else loaded.model
     missing, unexpected = model.load_state_dict(full_state_dict, strict=False)

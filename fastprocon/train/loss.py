@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastprocon.data import IGNORE_INDEX, TokenizedExample
-
-REDUCTIONS = ("sample", "token")
+from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample
 
 
 def shift_labels(labels: Tensor) -> Tensor:
@@ -39,13 +37,3 @@ def example_counts(example: TokenizedExample) -> tuple[int, int]:
     position (predicted), and response tokens at input positions (labels != -100)."""
     n_response = sum(label != IGNORE_INDEX for label in example.labels)
     return n_response - (example.labels[0] != IGNORE_INDEX), n_response
-
-
-def procon_scale(alpha: float, reduction: str, world_size: int, n_samples: int, n_response: int) -> float:
-    """The factor on one process's summed ProCon penalty for optimizer step totals of
-    ``n_samples`` samples and ``n_response`` response tokens over all processes."""
-    if reduction == "sample":
-        return alpha * world_size / n_samples
-    if reduction == "token":
-        return alpha * world_size / max(n_response, 1)
-    raise ValueError(f"unknown ProCon reduction {reduction!r}; expected one of {REDUCTIONS}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastprocon.io import atomic_path
+from fastprocon.utils.io import atomic_path
 
 # Dense bf16 peak FLOP/s per device (no sparsity), by substring of the CUDA device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,

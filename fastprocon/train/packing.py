@@ -8,7 +8,7 @@ explicitly (so it needs no host sync to find them). Per sample, the tokens, labe
 targets, response mask and z0 rows are exactly those of the padded batch, in the same order,
 with the padding removed; so a packed step computes the same sums as a padded one.
 
-Everything here works on collated (right-padded) micro-batches (:func:`fastprocon.data.collate`)
+Everything here works on collated (right-padded) micro-batches (:func:`fastprocon.data.examples.collate`)
 and on [..., n, T] tensors laid out like them (z0 from the reference cache), so packing composes
 with however those are produced:
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastprocon.data import IGNORE_INDEX
+from fastprocon.data.examples import IGNORE_INDEX
 
 
 def plan_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -58,7 +58,7 @@ def pack_like(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def pack_collated(batch: dict) -> dict:
-    """A right-padded micro-batch (:func:`fastprocon.data.collate`, plus "targets") as one packed row.
+    """A right-padded micro-batch (:func:`fastprocon.data.examples.collate`, plus "targets") as one packed row.
 
     Returns input_ids, labels, targets [1, N] long; position_ids [1, N] long (0 at each
     sample's first token); cu_seq_lens [n + 1] int32 (sample boundaries); max_length (int,

@@ -15,20 +15,22 @@ from typing import Callable
 
 import torch
 
-from fastprocon.data import load_instructions, resolve_data_path
-from fastprocon.data_cache import TokenizedDataset, load_training_set
-from fastprocon.directions import (
+import fastprocon.distributed as D
+from fastprocon.data.cache import TokenizedDataset, load_training_set
+from fastprocon.data.examples import load_instructions, resolve_data_path
+from fastprocon.distributed.collectives import barrier, broadcast_object
+from fastprocon.distributed.process import DistContext
+from fastprocon.models.layers import decoder_layers
+from fastprocon.models.load import LoadedModel
+from fastprocon.procon.reference import ReferenceCache, parse_layers
+from fastprocon.refusal.directions import (
     DirectionSet,
     directions_hash,
     extract_directions,
     load_directions_for,
     save_directions,
 )
-from fastprocon.models import LoadedModel, decoder_layers
-from fastprocon.reference import ReferenceCache, parse_layers
 from fastprocon.train.config import Config
-from fastprocon.train import distributed as D
-from fastprocon.train.distributed import DistContext, barrier, broadcast_object
 
 
 @dataclass

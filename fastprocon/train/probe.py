@@ -33,18 +33,26 @@ from typing import Callable
 
 import torch
 
-from fastprocon.data import IGNORE_INDEX, TokenizedExample, resolve_data_path
-from fastprocon.directions import (DirectionSet, direction_metadata, directions_hash, difference_in_means,
-                                   load_directions, prompt_forward, save_directions)
-from fastprocon.drift import direction_cosines
-from fastprocon.evaluate import refusal_score, refusal_token_ids
-from fastprocon.io import read_safetensors, save_safetensors
-from fastprocon.models import LoadedModel, hidden_size, num_layers
-from fastprocon.prompts import read_prompts
-from fastprocon.reference import compute_projections
-from fastprocon.train import distributed as D
+import fastprocon.distributed as D
+from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, resolve_data_path
+from fastprocon.data.prompts import read_prompts
+from fastprocon.models.layers import hidden_size, num_layers
+from fastprocon.models.load import LoadedModel
+from fastprocon.procon.reference import compute_projections
+from fastprocon.refusal.directions import (
+    DirectionSet,
+    difference_in_means,
+    direction_metadata,
+    directions_hash,
+    load_directions,
+    prompt_forward,
+    save_directions,
+)
+from fastprocon.refusal.drift import direction_cosines
+from fastprocon.refusal.evaluate import refusal_score, refusal_token_ids
 from fastprocon.train.config import Config
 from fastprocon.train.prepare import ProConInputs
+from fastprocon.utils.io import read_safetensors, save_safetensors
 
 DIRECTIONS_FILE = "probe_directions.safetensors"
 Z0_FILE = "probe_z0.safetensors"

@@ -20,6 +20,8 @@ import os
 import signal
 import threading
 
+import torch
+
 # EX_TEMPFAIL (sysexits.h): "temporary failure; the user is invited to retry" -- rerun to resume
 STOP_EXIT_STATUS = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -83,7 +85,7 @@ class StopRequest:
 
         Collective when more than one process runs: call it at every boundary on every process.
         ``now``: read this boundary's result at once (a host sync; for the end of the loop)."""
-        import torch   # here, not at the top: `fastprocon train --help` reads STOP_EXIT_STATUS
+        import torch  # here, not at the top: `fastprocon train --help` reads STOP_EXIT_STATUS
         import torch.distributed as dist
 
         mine = self.signum or 0

@@ -21,28 +21,40 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 
-from fastprocon.checksums import tree_sha256
-from fastprocon.data import IGNORE_INDEX
-from fastprocon.directions import directions_hash
-from fastprocon.hooks import ProConHooks, stack_recorded
-from fastprocon.models import hidden_size, load_model, num_layers, unwrap_model
-from fastprocon.penalty import resolve_backend
-from fastprocon.io import atomic_path, write_json
-from fastprocon.train import distributed as D
+import fastprocon.distributed as D
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.models.layers import hidden_size, num_layers, unwrap_model
+from fastprocon.models.load import load_model
+from fastprocon.penalty.functional import resolve_backend
+from fastprocon.procon.config import procon_scale
+from fastprocon.procon.hooks import ProConHooks, stack_recorded
+from fastprocon.procon.schedule import AlphaSchedule
+from fastprocon.refusal.directions import directions_hash
 from fastprocon.train.batches import StepBatches
-from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
 from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
-from fastprocon.train.dashboard import draw_dashboard
+from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
 from fastprocon.train.config import Config, to_toml, validate
+from fastprocon.train.dashboard import draw_dashboard
 from fastprocon.train.export import clean_export_staging, export_model
-from fastprocon.train.loss import ce_sum, procon_scale
-from fastprocon.train.metrics import (MetricsLog, attention_width, count_params, matmul_params, peak_flops,
-                                      peak_memory_gib, read_metrics, reset_peak_memory, training_flops)
+from fastprocon.train.loss import ce_sum
+from fastprocon.train.metrics import (
+    MetricsLog,
+    attention_width,
+    count_params,
+    matmul_params,
+    peak_flops,
+    peak_memory_gib,
+    read_metrics,
+    reset_peak_memory,
+    training_flops,
+)
 from fastprocon.train.packing import model_inputs, pack_like, use_packing
 from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
-from fastprocon.train.schedule import AlphaSchedule, WarmupCosine, follow_config
+from fastprocon.train.schedule import WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
+from fastprocon.utils.checksums import tree_sha256
+from fastprocon.utils.io import atomic_path, write_json
 
 _NO_BAD_STEP = 2**62
 

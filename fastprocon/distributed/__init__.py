@@ -1,0 +1,16 @@
+"""Infrastructure at the bottom of the trainer and the tools (torchtitan keeps it there too):
+process group (process.py), collectives (collectives.py), FSDP2 sharding (sharding.py)."""
+from fastprocon.distributed.collectives import all_reduce_sum, barrier, broadcast_object, on_main
+from fastprocon.distributed.process import DistContext, init_distributed, shutdown, tool_processes
+from fastprocon.distributed.sharding import (
+                                             apply_activation_checkpointing,
+                                             compile_decoder_layers,
+                                             mixed_precision_dtype,
+                                             shard_for_inference,
+                                             shard_model,
+                                             use_compile,
+)
+
+__all__ = ["DistContext", "init_distributed", "shutdown", "tool_processes", "barrier", "all_reduce_sum",
+           "broadcast_object", "on_main", "apply_activation_checkpointing", "compile_decoder_layers", "use_compile",
+           "mixed_precision_dtype", "shard_model", "shard_for_inference"]

