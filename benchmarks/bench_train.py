@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import statistics
 import sys
 import time
@@ -65,8 +64,9 @@ from fastprocon.data.examples import IGNORE_INDEX
 from fastprocon.models.layers import decoder_layers, hidden_size
 from fastprocon.models.load import load_model
 from fastprocon.procon.hooks import ProConHooks
-from fastprocon.train.loss import ce_sum, shift_labels
+from fastprocon.train.loss import shift_labels
 from fastprocon.train.metrics import attention_width, count_params, matmul_params, peak_flops, training_flops
+from fastprocon.train.step import make_optimizer, micro_step, optimizer_update
 
 VARIANTS = ("off", "reference", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -130,7 +130,7 @@ def make_batch(batch: int, seq: int, vocab: int, n_layers: int, hidden: int, dev
     labels[:, :max(1, int(PROMPT_FRACTION * seq))] = IGNORE_INDEX
     directions = torch.randn(n_layers, hidden, generator=g)
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
-            "labels": labels.to(device), "weight": (labels != IGNORE_INDEX).to(device),
+            "targets": shift_labels(labels), "weight": (labels != IGNORE_INDEX).to(device),   # targets: CPU, as the trainer's
             "z0": torch.randn(n_layers, batch, seq, generator=g).to(device),
             "directions": (directions / directions.norm(dim=1, keepdim=True)).to(device),
             "scale": torch.tensor(1.0 / batch, device=device),      # alpha = 1, "sample" reduction
@@ -138,20 +138,18 @@ def make_batch(batch: int, seq: int, vocab: int, n_layers: int, hidden: int, dev
 
 
 def train_step(model, optimizer, params, batch: dict, hooks: ProConHooks | None) -> None:
-    """One optimizer step, as the trainer runs it (single process, one micro-batch)."""
+    """One optimizer step through the trainer's own micro-step and update (fastprocon/train/step.py):
+    single process, one micro-batch, gradient clipping at 1.0."""
+    device = batch["input_ids"].device
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    procon = {} if hooks is None else dict(hooks=hooks, weight=batch["weight"], z0=batch["z0"], scale=batch["scale"])
+    micro_step(model, inputs, batch["targets"], 1.0 / batch["n_pred"], device, **procon)
     if hooks is not None:
-        hooks.arm(batch["weight"], batch["z0"], batch["scale"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    ce = ce_sum(logits, shift_labels(batch["labels"])) / batch["n_pred"]
-    ce.backward()
-    if hooks is not None:
-        hooks.disarm()
         hooks.take_penalty()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_update(params, optimizer, max_norm=1.0)
 
 
+@harness.releases_memory
 def bench_model(spec: str, args, device: torch.device, env: dict, memory_pass: bool = False) -> list[dict]:
     """Rows for one model, one per variant. ``memory_pass`` (CPU, in its own process, see main):
     one warm-up and one measured step per variant, rows {"key", "peak_mem_bytes"} only."""
@@ -162,9 +160,7 @@ def bench_model(spec: str, args, device: torch.device, env: dict, memory_pass: b
     n_layers, hidden = len(layers), hidden_size(model)
     batch = make_batch(args.batch, args.seq, model.config.vocab_size, n_layers, hidden, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW where torch has it, as the trainer does
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type in _get_fused_kernels_supported_devices())
+    optimizer = make_optimizer(params, device, lr=1e-5)   # the trainer's AdamW (fused where torch has it)
     fused_backend = "triton" if device.type == "cuda" else "torch"
     all_layers = list(range(n_layers))
     hooks = {"off": None,
@@ -218,12 +214,6 @@ def bench_model(spec: str, args, device: torch.device, env: dict, memory_pass: b
                      "step_overhead": f"{statistics.median(ratios) - 1:.4f}" if ratios else ""})
     if device.type == "cuda":
         fill_memory(rows, peaks)
-    # Free this model before the next one is built: a model sits in reference cycles, so without
-    # gc.collect() its memory would stay allocated and count in the next model's peak.
-    del model, optimizer, hooks, batch, params
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import csv
 import ctypes
 import ctypes.util
+import functools
+import gc
 import json
 import os
 import platform
@@ -177,6 +179,20 @@ def _proc_status_bytes(*keys: str) -> dict:
             if key in keys:
                 found[key] = int(line.split()[1]) * 1024      # reported in kB
     return found
+
+
+def releases_memory(fn: Callable) -> Callable:
+    """Decorate a function that builds a model: once it returns (its locals gone), collect the
+    reference cycles a model sits in and empty CUDA's cache, so the next model's peak is its own."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return wrapper
 
 
 def reset_peak(device: torch.device) -> None:

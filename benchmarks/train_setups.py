@@ -38,7 +38,6 @@ them have passed (the ``pairs`` column says how many ran); so does the signal SI
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import random
 import signal
@@ -54,10 +53,10 @@ from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, load_exampl
 from fastprocon.models.layers import decoder_layers, hidden_size
 from fastprocon.procon.hooks import ProConHooks
 from fastprocon.train.batches import StepBatches
-from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
-from fastprocon.train.loss import ce_sum
+from fastprocon.train.chunked_ce import OutputLayerLoss
 from fastprocon.train.metrics import attention_width, matmul_params, peak_flops, training_flops
 from fastprocon.train.packing import model_inputs
+from fastprocon.train.step import make_optimizer, micro_step, optimizer_update
 
 SETUPS = {"padded": dict(packed=False, chunked=False, compiled=False),
           "packed": dict(packed=True, chunked=False, compiled=False),
@@ -123,25 +122,15 @@ class Step:
             yield
 
     def __call__(self, batches: list[dict], n_pred: int, procon: bool, device) -> None:
+        """The trainer's micro-steps and update (fastprocon/train/step.py), one process."""
         for mb in batches:
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                       for k, v in model_inputs(mb, varlen_kwargs=False).items()}
-            if procon:
-                self.hooks.arm(mb["weight"], mb["z0"], mb["scale"])
-            if self.output_loss is not None:
-                index = predicted_positions(mb["targets"])
-                self.output_loss.arm(index.to(device), mb["targets"].flatten()[index].to(device))
-                ce = self.model(**inputs, use_cache=False).logits
-                self.output_loss.disarm()
-            else:
-                ce = ce_sum(self.model(**inputs, use_cache=False).logits, mb["targets"].to(device))
-            (ce / n_pred).backward()
-            if procon:
-                self.hooks.disarm()
-                self.hooks.take_penalty()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            armed = dict(hooks=self.hooks, weight=mb["weight"], z0=mb["z0"], scale=mb["scale"]) if procon else {}
+            micro_step(self.model, inputs, mb["targets"], 1.0 / n_pred, device, output_loss=self.output_loss, **armed)
+        if procon:
+            self.hooks.take_penalty()
+        optimizer_update(self.params, self.optimizer, max_norm=1.0)
 
 
 def with_procon_inputs(batches: list[dict], n_layers: int, n_samples: int, device) -> list[dict]:
@@ -153,6 +142,7 @@ def with_procon_inputs(batches: list[dict], n_layers: int, n_samples: int, devic
     return batches
 
 
+@harness.releases_memory
 def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = False) -> list[dict]:
     from fastprocon.models.load import load_model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -177,8 +167,7 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
     directions = torch.randn(n_layers, hidden, generator=g)
     directions = (directions / directions.norm(dim=1, keepdim=True)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type in _get_fused_kernels_supported_devices())
+    optimizer = make_optimizer(params, device, lr=1e-5)   # the trainer's AdamW (fused where torch has it)
     layers = decoder_layers(model)
     eager = list(layers)
     compiled = [torch.compile(m, fullgraph=True) for m in eager] if any(SETUPS[s]["compiled"] for s in args.setups) \
@@ -264,10 +253,6 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
                      "pairs": len(timed) if pairs else "", **spread, "first_step_ms": f"{first[s, v]:.1f}" if pairs else "",
                      "compile_s": f"{(first[s, v] - t.median_ms) / 1e3:.1f}"
                      if pairs and SETUPS[s]["compiled"] else ""})
-    del model, optimizer, runners, batches, params
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

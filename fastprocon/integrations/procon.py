@@ -36,45 +36,19 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from fastprocon.data.examples import load_instructions, resolve_data_path
 from fastprocon.integrations.samples import batch_samples, gather_z0, model_inputs, record_reference
 from fastprocon.models.layers import unwrap_model
 from fastprocon.models.load import LoadedModel, model_fingerprint
 from fastprocon.procon.config import ProConConfig, procon_scale, validate_procon
 from fastprocon.procon.hooks import ProConHooks, stack_recorded
-from fastprocon.procon.reference import ReferenceCache, parse_layers
+from fastprocon.procon.reference import ReferenceCache
 from fastprocon.procon.schedule import AlphaSchedule
-from fastprocon.refusal.directions import (
-    DirectionSet,
-    directions_hash,
-    extract_directions,
-    load_directions_for,
-    save_directions,
-)
+from fastprocon.procon.setup import constrained_layers, directions_for, initial_model
+from fastprocon.refusal.directions import directions_hash
 
 
 def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """models.model_fingerprint of the model as it was before PEFT wrapped it, so directions made
-    by `fastprocon directions` for the base model match a LoRA-wrapped copy: the LoRA parameters
-    are left out and PEFT's ``.base_layer`` / ``.original_module`` names mapped back."""
-    if not is_peft(model):
-        return model_fingerprint(model)
-    base = unwrap_model(model)
-    params = [(n.replace(".base_layer.", ".").replace(".original_module.", "."), p)
-              for n, p in base.named_parameters() if "lora_" not in n and ".modules_to_save." not in n]
-
-    class Unwrapped(nn.Module):           # the fingerprint reads type name, config and named_parameters
-        def named_parameters(self, *args, **kwargs):
-            return iter(params)
-
-    Unwrapped.__name__ = type(base).__name__
-    view = Unwrapped()
-    view.config = base.config
-    return model_fingerprint(view)
 
 
 def refuse_sharded(model: nn.Module) -> None:
@@ -124,10 +98,10 @@ class ProCon:
         self.schedule = AlphaSchedule(cfg, steps_per_epoch or 1)
         self.device = next(model.parameters()).device
         name = getattr(unwrap_model(model).config, "_name_or_path", "") or type(unwrap_model(model)).__name__
-        self.loaded = LoadedModel(model, tokenizer, name, base_fingerprint(model))
-        self.directions = self._directions()
-        self.layers = parse_layers(cfg.layers if isinstance(cfg.layers, str) else ",".join(map(str, cfg.layers)),
-                                   self.directions)
+        self.loaded = LoadedModel(model, tokenizer, name, model_fingerprint(model))
+        self.directions = directions_for(self.loaded, cfg, Path(cfg.directions) if cfg.directions else None,
+                                         initial=self._initial_model)
+        self.layers = constrained_layers(cfg.layers, self.directions)
         rows = self.directions.directions[self.layers].to(self.device)
         self.hooks = ProConHooks(model, self.layers, rows, norm=cfg.norm, delta=cfg.delta, backend=cfg.backend)
         self._exit = contextlib.ExitStack()
@@ -145,30 +119,14 @@ class ProCon:
 
     # -- set-up ----------------------------------------------------------------------------------
 
-    def _directions(self) -> DirectionSet:
-        c = self.cfg
-        path = Path(c.directions) if c.directions else None
-        if path is not None and path.exists():
-            return load_directions_for(self.loaded, path)
-        with self._initial_model():
-            ds = extract_directions(self.loaded, load_instructions(resolve_data_path(c.harmful)),
-                                    load_instructions(resolve_data_path(c.harmless)), c.direction_batch_size,
-                                    sources={"harmful": c.harmful, "harmless": c.harmless})
-        if path is not None:
-            save_directions(ds, path)
-        return ds
-
     @contextlib.contextmanager
     def _initial_model(self):
-        """No grad, eval mode (no dropout), adapters off, our hooks passed by."""
-        was_training, self._busy = self.model.training, True
-        off = self.model.disable_adapter() if is_peft(self.model) else contextlib.nullcontext()
+        """The initial model (procon.setup.initial_model), with our own hooks passed by."""
+        self._busy = True
         try:
-            with torch.no_grad(), off:
-                self.model.eval()
+            with initial_model(self.model):
                 yield
         finally:
-            self.model.train(was_training)
             self._busy = False
 
     @property

@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from fastprocon.utils.mapped import read_safetensors_header
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 _LORA_PARAM = re.compile(r"\.lora_(A|B)\.")                # PEFT adapter weights: not in the files
@@ -47,7 +48,8 @@ def weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object): {first_line(err)}") from None
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object): "
+                             f"{first_line(err)}") from None
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names {missing[0]}, which is missing from {directory}")
@@ -61,15 +63,7 @@ def read_header(path: Path) -> dict[str, dict]:
     """{tensor name: {"dtype", "shape", "data_offsets"}} of one safetensors file, with the file's
     size checked against the header (a truncated file names the first tensor it cuts)."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise ValueError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ValueError(f"{path}: corrupt safetensors header") from None
+    n, header = read_safetensors_header(path)
     header.pop("__metadata__", None)
     for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][1]):
         end = 8 + n + info["data_offsets"][1]
@@ -82,7 +76,7 @@ def checkpoint_name(key: str) -> str:
     """The file's name for a state-dict key of the (PEFT / checkpoint-wrapped / compiled) model."""
     key = key.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
     key = key.removeprefix("base_model.model.")
-    return key.replace(".base_layer.", ".")
+    return key.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,10 +32,9 @@ from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, collate
 from fastprocon.distributed.collectives import on_main
 from fastprocon.models.fingerprint import FINGERPRINT_VERSION, check_fingerprint_version
 from fastprocon.models.load import LoadedModel
-from fastprocon.penalty.functional import procon_penalty
+from fastprocon.procon.hooks import ProConHooks, stack_recorded
 from fastprocon.procon.reference_files import STORAGE_DTYPES, Z0Files, write_index, write_shard
 from fastprocon.refusal.directions import DirectionSet, directions_hash
-from fastprocon.refusal.steering import on_layer_inputs
 
 
 @dataclass
@@ -178,29 +177,23 @@ def iter_projections(loaded: LoadedModel, directions: DirectionSet, tokenized, l
     data = as_dataset(tokenized)
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
     device = next(model.parameters()).device
-    r = directions.directions.to(device)
-    position = {l: k for k, l in enumerate(layers)}
-    z_layers: list[torch.Tensor | None] = [None] * len(layers)
-
-    def project(l: int, x: torch.Tensor) -> None:
-        _, z_layers[position[l]] = procon_penalty(x, r[l], return_projection=True, validate=False)
-
+    hooks = ProConHooks(model, layers, directions.directions[layers].to(device))   # their recording mode: z
     indices = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
     order = indices[np.argsort(data.lengths[indices], kind="stable")]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    with on_layer_inputs(model, project, layers), tqdm(total=len(order), desc="reference z0", unit="sample",
-                                                      disable=not progress) as bar:
+    with hooks.installed(), tqdm(total=len(order), desc="reference z0", unit="sample", disable=not progress) as bar:
         for step in range(max(len(batches), min_batches)):
             chosen = batches[step] if step < len(batches) else (batches[-1] if batches else None)
             b = collate([data[int(i)] for i in chosen] if chosen is not None else [_DUMMY], pad_id)
             mask = b["attention_mask"]
             position_ids = (mask.cumsum(dim=1) - 1).clamp_min(0)
-            model(input_ids=b["input_ids"].to(device), attention_mask=mask.to(device),
-                  position_ids=position_ids.to(device), use_cache=False, logits_to_keep=1)
+            with hooks.recording() as recorded:
+                model(input_ids=b["input_ids"].to(device), attention_mask=mask.to(device),
+                      position_ids=position_ids.to(device), use_cache=False, logits_to_keep=1)
             if step >= len(batches):
                 continue
-            response = b["labels"] != IGNORE_INDEX                     # [B, T] on CPU
-            values = torch.stack(z_layers)[:, response.to(device)].cpu()   # [n_layers, n_response]
+            response = b["labels"] != IGNORE_INDEX                                     # [B, T] on CPU
+            values = stack_recorded(recorded)[:, response.to(device)].float().cpu()   # [n_layers, n_response]
             bar.update(len(chosen))
             yield b["ids"], list(torch.split(values, response.sum(dim=1).tolist(), dim=1))
 

@@ -8,7 +8,6 @@ all ranks and written by rank 0; the reference cache is built by all ranks toget
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,18 +16,16 @@ import torch
 
 import fastprocon.distributed as D
 from fastprocon.data.cache import TokenizedDataset, load_training_set
-from fastprocon.data.examples import load_instructions, resolve_data_path
-from fastprocon.distributed.collectives import barrier, broadcast_object
+from fastprocon.data.examples import resolve_data_path
+from fastprocon.distributed.collectives import broadcast_object
 from fastprocon.distributed.process import DistContext
 from fastprocon.models.layers import decoder_layers
 from fastprocon.models.load import LoadedModel
-from fastprocon.procon.reference import ReferenceCache, parse_layers
+from fastprocon.procon.reference import ReferenceCache
+from fastprocon.procon.setup import constrained_layers, directions_for, initial_model
 from fastprocon.refusal.directions import (
     DirectionSet,
     directions_hash,
-    extract_directions,
-    load_directions_for,
-    save_directions,
 )
 from fastprocon.train.config import Config
 
@@ -86,22 +83,8 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
             raise FileNotFoundError(f"procon.{key} = {value} does not exist; leave it empty to make {what} in the "
                                     "run directory")
     directions_path = Path(p.directions) if p.directions else run_dir / "directions.safetensors"
-    # rank 0 decides for everyone: a rank that looked later could see rank 0's new file
-    if broadcast_object(not directions_path.exists()):
-        say(f"making refusal directions -> {directions_path}")
-        harmful = load_instructions(resolve_data_path(p.harmful))
-        harmless = load_instructions(resolve_data_path(p.harmless))
-        with initial_model(loaded.model):   # every rank: the forwards of a sharded model are collective
-            ds = extract_directions(loaded, harmful, harmless, p.direction_batch_size,
-                                    sources={"harmful": p.harmful, "harmless": p.harmless}, progress=ctx.is_main)
-        if ctx.is_main:
-            save_directions(ds, directions_path)
-        barrier()
-    else:
-        say(f"using refusal directions {directions_path}")
-    directions = load_directions_for(loaded, directions_path)
-    spec = p.layers if isinstance(p.layers, str) else ",".join(str(l) for l in p.layers)
-    layers = parse_layers(spec, directions)
+    directions = directions_for(loaded, p, directions_path, progress=ctx.is_main, say=say)
+    layers = constrained_layers(p.layers, directions)
 
     if p.reference == "adapters_off":
         return ProConInputs(directions, directions_path, layers, None, None)
@@ -130,23 +113,6 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device)
         D.compile_decoder_layers(layers)
     D.shard_model(model, layers, D.mixed_precision_dtype(cfg.model.mixed_precision, device))
     return model
-
-
-@contextlib.contextmanager
-def initial_model(model: torch.nn.Module):
-    """``model`` as the initial model: eval mode, LoRA adapters off (they start at zero anyway),
-    no gradients; the training mode is restored afterwards. On GPU with bf16 mixed precision the
-    forward computes in bf16, as the training forward does."""
-    was_training = model.training
-    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    model.eval()
-    try:
-        with torch.no_grad(), adapters_off:
-            yield model
-    finally:
-        model.train(was_training)
-        if hasattr(model, "reshard"):   # FSDP2 keeps the root unsharded after a forward: the optimizer
-            model.reshard()             # and checkpoints must see the sharded parameters
 
 
 def apply_lora(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from fastprocon.procon.hooks import ProConHooks
 from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
@@ -60,6 +61,13 @@ def micro_step(model: torch.nn.Module, inputs: dict, targets: Tensor, ce_factor:
         if scale is not None:
             hooks.disarm()
     return ce.detach()
+
+
+def make_optimizer(params: list[Tensor], device: torch.device, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused where torch has a fused kernel for ``device`` (CUDA), else the foreach version."""
+    fused = device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
 def optimizer_update(params: list[Tensor], optimizer: torch.optim.Optimizer,

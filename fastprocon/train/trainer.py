@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 
 import fastprocon.distributed as D
@@ -32,11 +31,10 @@ from fastprocon.procon.schedule import AlphaSchedule
 from fastprocon.refusal.directions import directions_hash
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
-from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
+from fastprocon.train.chunked_ce import OutputLayerLoss
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.dashboard import draw_dashboard
 from fastprocon.train.export import clean_export_staging, export_model
-from fastprocon.train.loss import ce_sum
 from fastprocon.train.metrics import (
     MetricsLog,
     attention_width,
@@ -53,18 +51,11 @@ from fastprocon.train.prepare import initial_model, load_training_data, prepare_
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
 from fastprocon.train.schedule import WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
+from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, to_device
 from fastprocon.utils.checksums import tree_sha256
 from fastprocon.utils.io import atomic_path, write_json
 
 _NO_BAD_STEP = 2**62
-
-
-def to_device(t, device: torch.device):
-    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA);
-    anything else (an int argument) as it is."""
-    if device.type != "cuda" or not isinstance(t, torch.Tensor):
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class NonFiniteError(FloatingPointError):
@@ -149,9 +140,8 @@ class Trainer:
 
         params = [q for q in model.parameters() if q.requires_grad]
         o = cfg.optim
-        fused = ctx.device.type in _get_fused_kernels_supported_devices()
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=fused)
+        self.optimizer = make_optimizer(params, ctx.device, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                        weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(o.lr_warmup_steps, self.max_steps, o.min_lr_ratio))
         self.params = params
@@ -189,34 +179,20 @@ class Trainer:
             value = procon_scale(alpha, cfg.procon.reduction, world, len(idx), int(self._n_resp[idx].sum()))
             scale = torch.full((), value, dtype=torch.float32, device=dev)   # a fill: no host-device copy
             self._procon_samples += len(idx)
+        ce_factor = world / max(n_pred, 1)
         for mb in self.batches.micro_batches(step):
             inputs = {k: to_device(v, dev) for k, v in model_inputs(mb, varlen_kwargs=self.varlen_kwargs).items()}
+            procon = {}
             if scale is not None:
-                self.hooks.arm(to_device(mb["labels"] != IGNORE_INDEX, dev), self._z0(mb, inputs), scale)
-            ce = self._ce_sum(inputs, mb["targets"])
-            (ce * (world / max(n_pred, 1))).backward()
-            if scale is not None:
-                self.hooks.disarm()
-            self._acc[0] += ce.detach()
+                procon = dict(hooks=self.hooks, weight=to_device(mb["labels"] != IGNORE_INDEX, dev),
+                              z0=self._z0(mb, inputs), scale=scale)
+            self._acc[0] += micro_step(self.model, inputs, mb["targets"], ce_factor, dev,
+                                       output_loss=self.output_loss, **procon)
         if scale is not None:
             self._acc[1] += self.hooks.take_penalty() / scale
         self._n_pred_acc += n_pred
         self._n_tok_acc += int(self._n_tok[idx].sum())
         self._flops_acc += training_flops(*self._flops_base, self._n_tok[idx].tolist()) / world
-
-    def _ce_sum(self, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-        """Forward pass; the summed CE of ``targets`` [B, T] (CPU) as a 0-d fp32 tensor: through the
-        chunked output layer (the logits never exist in full), or from the full logits."""
-        dev = self.ctx.device
-        if self.output_loss is None:
-            logits = self.model(**inputs, use_cache=False).logits
-            return ce_sum(logits, to_device(targets, dev))
-        index = predicted_positions(targets)
-        self.output_loss.arm(to_device(index, dev), to_device(targets.flatten()[index], dev))
-        try:
-            return self.model(**inputs, use_cache=False).logits    # the output layer returned the CE sum
-        finally:
-            self.output_loss.disarm()
 
     def _z0(self, mb: dict, inputs: dict) -> torch.Tensor:
         """[n_layers, B, T] reference projections of a micro-batch (B = 1 for a packed row): from
@@ -237,16 +213,11 @@ class Trainer:
     def step(self, step: int) -> None:
         """One optimizer step (0-based index ``step``)."""
         self.accumulate_gradients(step)
-        max_norm = self.cfg.optim.grad_clip or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = optimizer_update(self.params, self.optimizer, self.scheduler, self.cfg.optim.grad_clip or math.inf)
         self._norm_acc += norm
         bad = ~(torch.isfinite(norm) & torch.isfinite(self._acc[0]) & torch.isfinite(self._acc[1]))
         self._first_bad = torch.where(bad & (self._first_bad == _NO_BAD_STEP),
                                       torch.full_like(self._first_bad, step + 1), self._first_bad)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self._steps_acc += 1
 
     # -- logging ---------------------------------------------------------------------------------
