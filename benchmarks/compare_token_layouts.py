@@ -1,7 +1,7 @@
 """Why the tokenized-data cache is a flat token file and not Arrow: the two layouts measured side by side.
 
 The same synthetic tokenized set (``--samples`` samples of 100-560 int32 tokens, ids, prompt
-lengths) is written (a) as the flat layout of fastprocon/data_cache.py (one token array + int64
+lengths) is written (a) as the flat layout of fastprocon/data/cache.py (one token array + int64
 offsets, read through numpy memory maps, as fastprocon.utils.mapped does) and (b) as an Arrow IPC
 file (list<int32> + string columns, the format under Hugging Face ``datasets``, read zero-copy
 from a memory map). Measured in one process, interleaved: write time, open time, the time to

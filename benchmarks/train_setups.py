@@ -55,7 +55,7 @@ from fastprocon.procon.hooks import ProConHooks
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.chunked_ce import OutputLayerLoss
 from fastprocon.train.metrics import attention_width, matmul_params, peak_flops, training_flops
-from fastprocon.train.packing import model_inputs
+from fastprocon.train.packing import forward_kwargs
 from fastprocon.train.step import make_optimizer, micro_step, optimizer_update
 
 SETUPS = {"padded": dict(packed=False, chunked=False, compiled=False),
@@ -125,7 +125,7 @@ class Step:
         """The trainer's micro-steps and update (fastprocon/train/step.py), one process."""
         for mb in batches:
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                      for k, v in model_inputs(mb, varlen_kwargs=False).items()}
+                      for k, v in forward_kwargs(mb, varlen_kwargs=False).items()}
             armed = dict(hooks=self.hooks, weight=mb["weight"], z0=mb["z0"], scale=mb["scale"]) if procon else {}
             micro_step(self.model, inputs, mb["targets"], 1.0 / n_pred, device, output_loss=self.output_loss, **armed)
         if procon:

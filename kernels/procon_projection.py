@@ -159,8 +159,19 @@ def _procon_bwd_kernel(
 # launch configuration
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for hidden states of `dtype`: fp64 for fp64, else fp32 (the kernels', the
+    PyTorch path's and the unit direction's)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
+
+
 def _acc_dtype(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    """(torch, triton) accumulation dtypes for hidden states of `dtype` (see :func:`acc_dtype`)."""
+    acc = acc_dtype(dtype)
+    return acc, _TL_ACC[acc]
 
 
 def _fwd_blocks(N: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:

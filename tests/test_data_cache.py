@@ -1,4 +1,4 @@
-"""The tokenized-data cache (fastprocon/data_cache.py) and the mapped safetensors files under it:
+"""The tokenized-data cache (fastprocon/data/cache.py) and the mapped safetensors files under it:
 same samples, ids and hash as plain tokenization; reused; a new file when the data, tokenizer,
 template or max_length change; corrupt or stale files named in one line."""
 import datetime

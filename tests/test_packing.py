@@ -64,9 +64,9 @@ def test_packed_row_logits_equal_each_samples_own():
     # each sample's own targets: its last token predicts nothing (not the next sample's first token)
     assert row["targets"][0, [6, 7, 19, 24]].tolist() == [IGNORE_INDEX] * 4
     with torch.no_grad():
-        packed = model(**packing.model_inputs(row, varlen_kwargs=False), use_cache=False).logits[0]
+        packed = model(**packing.forward_kwargs(row, varlen_kwargs=False), use_cache=False).logits[0]
         alone = torch.cat([model(input_ids=torch.tensor([s.input_ids]), use_cache=False).logits[0] for s in samples])
-        padded = model(**packing.model_inputs(batch, varlen_kwargs=False), use_cache=False).logits
+        padded = model(**packing.forward_kwargs(batch, varlen_kwargs=False), use_cache=False).logits
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded[row["pack_mask"]], alone, rtol=1e-5, atol=1e-5)
     z = torch.randn(3, *batch["input_ids"].shape)        # z0 rows [L, n, T] follow the packed positions
@@ -77,7 +77,7 @@ def test_packed_row_logits_equal_each_samples_own():
 def test_packing_is_refused_or_turned_off_where_samples_would_leak(monkeypatch):
     model = load_model("tiny").model
     # without position_ids the model sees one long sequence: the probe must notice
-    monkeypatch.setattr(packing, "model_inputs", lambda mb, varlen_kwargs: {"input_ids": mb["input_ids"]})
+    monkeypatch.setattr(packing, "forward_kwargs", lambda mb, varlen_kwargs: {"input_ids": mb["input_ids"]})
     why = packing.check_packing_exact(model)
     assert why is not None and "change each other's logits" in why
     with pytest.raises(ValueError, match="data.packing = 'on', but packed samples change"):
@@ -182,12 +182,12 @@ def test_smollm2_packed_step_equals_padded():
         return loss.detach(), out
 
     from fastprocon.train.loss import ce_sum
-    plain = grads_of(ce_sum(model(**packing.model_inputs(batch, varlen_kwargs=False), use_cache=False).logits,
+    plain = grads_of(ce_sum(model(**packing.forward_kwargs(batch, varlen_kwargs=False), use_cache=False).logits,
                             batch["targets"]))
     with OutputLayerLoss(model).installed() as head:
         index = predicted_positions(row["targets"])
         head.arm(index, row["targets"].flatten()[index])
-        packed = grads_of(model(**packing.model_inputs(row, varlen_kwargs=False), use_cache=False).logits)
+        packed = grads_of(model(**packing.forward_kwargs(row, varlen_kwargs=False), use_cache=False).logits)
     torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=0)
     for key, ref in plain[1].items():
         assert (packed[1][key] - ref).norm() <= 1e-4 * ref.norm() + 1e-8, key

@@ -16,7 +16,7 @@ import os
 import sys
 
 # What the tools raise for bad input; anything else is a bug and keeps its traceback.
-# (UnicodeDecodeError and data.py's row errors are ValueErrors.)
+# (UnicodeDecodeError and data/examples.py's row errors are ValueErrors.)
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 # subcommand -> module that registers it

@@ -9,9 +9,10 @@ in chunks and written atomically (a .jsonl file is streamed: one pass validates 
 bytes a row, line offset, id digest and what the id suffixes need, then each chunk's rows are read again, so the build
 holds one chunk of rows, not the data set; the file it writes is the one the whole-list build
 wrote, byte for byte); under torch.distributed rank 0 builds while the others wait
-on the process group's store (no collective, so no collective timeout however long it takes;
-an error reaches every rank), and a rank that still does not see the file (a cache directory
-local to each node) builds its own copy. A hit costs a hash of the data files and a few maps.
+on the process group's store (:func:`fastprocon.distributed.collectives.on_main` with a ``wait``:
+no collective, so no collective timeout however long it takes; an error reaches every rank), and
+a rank that still does not see the file (a cache directory local to each node) builds its own copy.
+A hit costs a hash of the data files and a few maps.
 
 File (safetensors, format ``fastprocon.tokens``, written by :class:`fastprocon.utils.mapped.ChunkWriter`):
 ``tokens`` [n_tokens] int32 (every sample's input ids back to back), ``offsets`` [n + 1] int64,
@@ -30,7 +31,6 @@ import itertools
 import json
 import logging
 import os
-import pickle
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -49,6 +49,8 @@ from fastprocon.data.examples import (
     scan_jsonl,
     tokenize_chunk,
 )
+from fastprocon.distributed.collectives import on_main
+from fastprocon.utils.checksums import file_sha256
 from fastprocon.utils.mapped import ChunkWriter, MappedFile, read_rows
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ CACHE_FORMAT = "fastprocon.tokens"
 LAYOUT_VERSION = 1          # bump when tokenization or the layout changes: old files are then never found
 CHUNK = 4096                # examples tokenized per call
 _ARRAYS = ("tokens", "offsets", "prompt_lengths", "id_bytes", "id_offsets")
+_HASH_BLOCK = 1 << 20       # data files are hashed 1 MiB at a time: a 16 MiB block was most of a streamed build's peak
 
 
 class TokenizedDataset(Sequence):
@@ -162,14 +165,6 @@ def data_cache_dir() -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "fastprocon") / "data"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):     # 1 MiB: a 16 MiB block was most of a streamed build's peak
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenizer_hash(tokenizer) -> str:
     """sha256 of what tokenization and the chat template depend on: the tokenizer's class, its
     serialised model (vocabulary, merges, normaliser, added tokens; the vocabulary itself for a
@@ -184,7 +179,8 @@ def tokenizer_hash(tokenizer) -> str:
 def cache_key(sources: list[Path], tokenizer, max_length: int, drop_overlong_prompts: bool,
               settings: dict) -> tuple[str, dict]:
     """(sha256 key, its parts) of the tokenized set made from ``sources`` with these settings."""
-    parts = {"layout": LAYOUT_VERSION, "files": [{"stem": p.stem, "sha256": file_sha256(p)} for p in sources],
+    files = [{"stem": p.stem, "sha256": file_sha256(p, _HASH_BLOCK)} for p in sources]
+    parts = {"layout": LAYOUT_VERSION, "files": files,
              "tokenizer": tokenizer_hash(tokenizer), "max_length": int(max_length),
              "drop_overlong_prompts": bool(drop_overlong_prompts), "settings": settings}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
@@ -201,8 +197,6 @@ def load_tokenized(sources: list[Path], make_examples: Callable[[], tuple[list[E
     only on a miss. Raises what tokenization raises (on every rank), or ValueError naming a
     corrupt or stale cache file.
     """
-    import torch.distributed as dist
-
     key, parts = cache_key(sources, tokenizer, max_length, drop_overlong_prompts, settings or {})
     path = Path(cache_dir or data_cache_dir()) / f"{sources[0].stem}-{key[:24]}.tokens.safetensors"
 
@@ -210,40 +204,14 @@ def load_tokenized(sources: list[Path], make_examples: Callable[[], tuple[list[E
         if not path.exists():
             build_cache(path, key, parts, make_examples, tokenizer, max_length, drop_overlong_prompts)
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        _on_rank0_then_all(build_if_missing, key)
+    # rank 0 builds while the others wait on the process group's store, not in a collective (a long
+    # tokenization must not run into the collective timeout, 10-30 minutes); its error is raised on every rank
+    on_main(build_if_missing, wait=WAIT, tag=f"fastprocon.data.cache/{key}")
     build_if_missing()      # a no-op unless this process cannot see rank 0's directory
     return open_cache(path, key)
 
 
-_calls = itertools.count()     # every rank calls in the same order: a fresh store key per call
 WAIT = timedelta(hours=24)     # how long the other ranks wait for rank 0's tokenization
-
-
-def _on_rank0_then_all(fn: Callable[[], None], tag: str) -> None:
-    """``fn()`` on rank 0 while the other ranks wait on the process group's store, not in a
-    collective (a long tokenization must not run into the collective timeout, 10-30 minutes);
-    an exception on rank 0 is raised on every rank."""
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    store, key = _get_default_store(), f"fastprocon.data.cache/{tag}/{next(_calls)}"
-    if dist.get_rank() == 0:
-        error = None
-        try:
-            fn()
-        except Exception as err:
-            error = err
-        try:
-            payload = pickle.dumps(error)
-        except Exception:   # an exception that cannot travel: send its text
-            payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
-        store.set(key, payload)
-    else:
-        store.wait([key], WAIT)
-        error = pickle.loads(store.get(key))
-    if error is not None:
-        raise error
 
 
 def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: bool = False,
@@ -259,8 +227,8 @@ def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: 
         settings.update(safety_samples=int(safety_samples), seed=int(seed))
 
     def make_examples() -> tuple[Sequence[Example], dict]:
-        # a .jsonl file is streamed (a RowScan keeps 32 bytes a row, the mix order 8 more; build_cache reads CHUNK rows at a
-        # time); a .json list is parsed whole, as before. The small safety set is held in memory.
+        # a .jsonl file is streamed (a RowScan keeps 32 bytes a row, the mix order 8 more; build_cache reads CHUNK
+        # rows at a time); a .json list is parsed whole, as before. The small safety set is held in memory.
         if sources[0].suffix == ".jsonl":
             primary = scan_jsonl(sources[0], skip_bad_rows=skip_bad_rows)
         else:

@@ -1,6 +1,6 @@
 """Infrastructure at the bottom of the trainer and the tools (torchtitan keeps it there too):
 process group (process.py), collectives (collectives.py), FSDP2 sharding (sharding.py)."""
-from fastprocon.distributed.collectives import all_reduce_sum, barrier, broadcast_object, on_main
+from fastprocon.distributed.collectives import all_reduce_sum, barrier, broadcast_object, first_error, on_main
 from fastprocon.distributed.process import DistContext, init_distributed, shutdown, tool_processes
 from fastprocon.distributed.sharding import (
                                              apply_activation_checkpointing,
@@ -12,5 +12,5 @@ from fastprocon.distributed.sharding import (
 )
 
 __all__ = ["DistContext", "init_distributed", "shutdown", "tool_processes", "barrier", "all_reduce_sum",
-           "broadcast_object", "on_main", "apply_activation_checkpointing", "compile_decoder_layers", "use_compile",
-           "mixed_precision_dtype", "shard_model", "shard_for_inference"]
+           "broadcast_object", "on_main", "first_error", "apply_activation_checkpointing", "compile_decoder_layers",
+           "use_compile", "mixed_precision_dtype", "shard_model", "shard_for_inference"]

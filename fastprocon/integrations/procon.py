@@ -36,7 +36,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from fastprocon.integrations.samples import batch_samples, gather_z0, model_inputs, record_reference
+from fastprocon.integrations.samples import batch_samples, gather_z0, prepass_kwargs, record_reference
 from fastprocon.models.layers import unwrap_model
 from fastprocon.models.load import LoadedModel, model_fingerprint
 from fastprocon.procon.config import ProConConfig, procon_scale, validate_procon
@@ -221,7 +221,7 @@ class ProCon:
         """(z0 [n_layers, B, T], response mask [B, T]) of a training batch."""
         if self.cfg.reference == "adapters_off":
             with self._initial_model(), self.hooks.recording() as recorded:
-                self.model(**model_inputs(batch, self.model))
+                self.model(**prepass_kwargs(batch, self.model))
             return stack_recorded(recorded), batch_samples(batch)[2].to(self.device)
         if self.reference is None:
             raise RuntimeError("no z0 yet: call ProCon.record_reference(training batches) before training "

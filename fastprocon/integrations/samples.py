@@ -7,7 +7,7 @@ each sample). :func:`sample_segments` finds every sample as (row, start, end); a
 then named by its content, the sha1 of its token ids and response mask (:func:`sample_key`), so
 z0 recorded once by a pre-pass (:func:`record_reference`) can be found again in any batch,
 after any shuffle, padded or packed differently. The z0 store is fastprocon's reference cache
-file (reference.py) with these keys as its sample ids.
+file (procon/reference.py) with these keys as its sample ids.
 """
 from __future__ import annotations
 
@@ -40,14 +40,17 @@ class Segment:
     end: int          # exclusive
 
 
-def model_inputs(batch: dict, model: torch.nn.Module) -> dict:
-    """The model-input part of a collated batch, plus ``use_cache=False`` (and ``logits_to_keep=1``
-    where the model takes it: the pre-pass needs hidden states, not logits)."""
+def prepass_kwargs(batch: dict, model: torch.nn.Module) -> dict:
+    """The keyword arguments of a forward that only reads hidden states (the z0 pre-pass): the
+    model-input part of a collated batch (``MODEL_INPUT_KEYS``; no labels, so no loss), plus
+    ``use_cache=False`` (and ``logits_to_keep=1`` where the model takes it: no full logits)."""
     kwargs = {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
     kwargs["use_cache"] = False
     if "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters:
         kwargs["logits_to_keep"] = 1
     return kwargs
+
+
 
 
 def sample_segments(input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -110,12 +113,12 @@ def record_reference(model: torch.nn.Module, hooks: ProConHooks, batches: Iterab
     """The pre-pass: run ``model`` (the initial weights, eval mode) once over ``batches`` and write
     z0 of every sample's response tokens at the hooks' layers to a reference cache file at
     ``path``, keyed by :func:`sample_key`. Samples seen twice are stored once. Returns the number
-    of samples. ``header`` holds the identity fields of reference.py's cache files."""
+    of samples. ``header`` holds the identity fields of procon/reference.py's cache files."""
     keys, pieces, seen = [], [], set()
     for batch in batches:
         segments, batch_keys, response = batch_samples(batch)
         with hooks.recording() as recorded:
-            model(**model_inputs(batch, model))
+            model(**prepass_kwargs(batch, model))
         z = stack_recorded(recorded).cpu()                 # [n_layers, B, T]
         for seg, key in zip(segments, batch_keys):
             if key in seen:

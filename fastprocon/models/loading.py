@@ -1,7 +1,7 @@
 """Model specs to Hugging Face directories, and the weights of such a directory loaded straight
 into this process's shards (torchtitan's start-up: no full copy of the model on any process).
 
-:func:`build_model` (the recipe, engineering-notes "Scale"):
+:func:`build_model` (the recipe; docs/scale.md):
 
 1. build the model on the meta device from ``config.json`` (no memory, no init);
 2. ``wrap(model)``: the caller's LoRA / activation checkpointing / ``fully_shard`` (still meta);

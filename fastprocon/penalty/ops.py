@@ -28,27 +28,28 @@ NORMS = {"l1": kernels.NORM_L1, "l2sq": kernels.NORM_L2SQ, "huber": kernels.NORM
 _CHUNK_ELEMENTS = 1 << 20
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for hidden states of `dtype`: fp64 for fp64, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Accumulation dtype for hidden states of `dtype`: fp64 for fp64, else fp32 (defined with the kernels).
+acc_dtype = kernels.acc_dtype
 
 
 def unit_direction(direction: Tensor, dtype: torch.dtype) -> Tensor:
-    """direction / |direction| in acc_dtype(dtype), for any finite non-zero direction.
+    """direction / |direction| in acc_dtype(dtype), for any finite non-zero direction [D] (or
+    each row of [..., D] on its own).
 
     Divided by (about) its largest |entry| first (so the sum of squares lies in [1, D]: no overflow for
     entries like 1e20, no underflow for 1e-30), in the wider of direction's dtype and the
     accumulation dtype (a fp64 direction of 1e300 is scaled before it is cast to fp32).
     Differentiable: autograd gives dL/dr = (I - r_hat r_hat^T) dL/dr_hat / |r| (the max is a
-    constant there, since r_hat does not depend on it).
+    constant there, since r_hat does not depend on it). A zero row gives NaN: callers that
+    allow one check for it.
     """
     acc = acc_dtype(dtype)
     d = direction.to(torch.promote_types(direction.dtype, acc))
     # A power of two near the max: the division is exact. Divided by the norm (not times rsqrt):
     # autograd's tangent projection then cancels exactly where it must (D = 1 gives 0).
-    _, exponent = torch.frexp(d.detach().abs().amax())
-    d = d / torch.ldexp(torch.ones((), dtype=d.dtype, device=d.device), exponent - 1)
-    return (d / torch.linalg.vector_norm(d)).to(acc)
+    _, exponent = torch.frexp(d.detach().abs().amax(dim=-1, keepdim=True))
+    d = d / torch.ldexp(torch.ones_like(exponent, dtype=d.dtype), exponent - 1)
+    return (d / torch.linalg.vector_norm(d, dim=-1, keepdim=True)).to(acc)
 
 
 def psi_and_grad(diff: Tensor, norm: int, delta: float) -> tuple[Tensor, Tensor]:

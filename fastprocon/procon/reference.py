@@ -1,11 +1,11 @@
 """Reference projections z0: the initial model's r_l . x_l at every response token, recorded once.
 
-ProCon penalises |z_t - z0| at every constrained layer l and response token (procon-method.md
-section 3). :meth:`ReferenceCache.build` runs the initial model forward once over the tokenized
+ProCon penalises |z_t - z0| at every constrained layer l and response token (Du et al. 2025,
+arXiv 2509.06795). :meth:`ReferenceCache.build` runs the initial model forward once over the tokenized
 training set (no gradients) and stores z0 from the fused projection (``procon_penalty``'s z);
 the training loader calls :meth:`ReferenceCache.gather` to join z0 to each batch.
 
-Files (fastprocon/reference_files.py): an index at the cache path plus one token-major shard
+Files (fastprocon/procon/reference_files.py): an index at the cache path plus one token-major shard
 per process of the build (sample i's z0 is one contiguous range of rows [n_i, n_layers]),
 memory-mapped on load: :meth:`ReferenceCache.gather` reads and upcasts only the rows of the
 micro-batch's samples. The index header says what the cache is valid for: model fingerprint,
@@ -131,11 +131,10 @@ class ReferenceCache:
             i = int(too_long[0])
             raise ValueError(f"sample {data.id(i)!r}: {data.lengths[i]} tokens; needs <= max_length={max_length}")
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        run_on_main = on_main if dist.is_initialized() else (lambda fn: fn())
         header = {"model": loaded.name, "model_fingerprint": loaded.fingerprint,
                   "fingerprint_version": FINGERPRINT_VERSION, "directions_hash": directions_hash(directions), "dataset_hash": data.hash,
                   "max_length": int(max_length), "layers": layers, "storage_dtype": storage_dtype,
-                  "build_id": run_on_main(lambda: uuid.uuid4().hex),
+                  "build_id": on_main(lambda: uuid.uuid4().hex),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         indices = np.arange(rank, len(data), world)
         n_batches = _max_over_ranks(math.ceil(len(indices) / batch_size))
@@ -144,7 +143,7 @@ class ReferenceCache:
         write_shard(path, batches, header, rank, world)
         if world > 1:
             dist.barrier()
-        size = run_on_main(lambda: write_index(path, world))
+        size = on_main(lambda: write_index(path, world))
         return BuildReport(str(path), size, len(data), int(data.n_response.sum()), layers, storage_dtype,
                            time.perf_counter() - start)
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from fastprocon.data.examples import load_instructions, resolve_data_path
-from fastprocon.distributed.collectives import barrier, on_main
+from fastprocon.distributed.collectives import on_main
 from fastprocon.models.load import LoadedModel
 from fastprocon.procon.config import ProConConfig
 from fastprocon.refusal.directions import DirectionSet, extract_directions, load_directions_for, save_directions
@@ -62,8 +61,7 @@ def directions_for(loaded: LoadedModel, p: ProConConfig, path: Path | None, *, p
     file exists, for every process (a rank that looked later could see rank 0's new file); every
     process runs the extraction's forwards (those of a sharded model are collective).
     ``initial``: the context that makes the model the initial one (default :func:`initial_model`)."""
-    grouped = dist.is_initialized()
-    if path is not None and (on_main(path.exists) if grouped else path.exists()):
+    if path is not None and on_main(path.exists):
         say(f"using refusal directions {path}")
         return load_directions_for(loaded, path)
     if path is not None:
@@ -75,9 +73,5 @@ def directions_for(loaded: LoadedModel, p: ProConConfig, path: Path | None, *, p
                                 sources={"harmful": p.harmful, "harmless": p.harmless}, progress=progress)
     if path is None:
         return ds
-    if grouped:
-        on_main(lambda: save_directions(ds, path))
-        barrier()
-    else:
-        save_directions(ds, path)
+    on_main(lambda: save_directions(ds, path))   # the other ranks wait for it in on_main's broadcast
     return load_directions_for(loaded, path)

@@ -3,7 +3,7 @@
 For each decoder layer l (input = HF ``hidden_states[l]``, "resid_pre") we take the hidden state
 at the last token of the chat-formatted prompt (with the generation prompt), average it over the
 harmful and the harmless prompts in float64, and keep r_l = normalize(mu_harmful - mu_harmless)
-and |mu_harmful - mu_harmless| (Arditi et al. 2024; procon-method.md section 1).
+and |mu_harmful - mu_harmless| (Arditi et al. 2024, arXiv 2406.11717).
 
 Files are safetensors with two tensors (``directions`` [L, D] fp32, ``norms`` [L] fp32) and the
 metadata (model name and fingerprint, sizes, prompt sets and their counts, template) as JSON in
@@ -27,6 +27,7 @@ from fastprocon.data.prompts import context_length, encode_prompts, pad_batch
 from fastprocon.models.fingerprint import FINGERPRINT_VERSION, check_fingerprint_version
 from fastprocon.models.layers import hidden_size, num_layers
 from fastprocon.models.load import LoadedModel
+from fastprocon.penalty.ops import unit_direction
 from fastprocon.refusal.steering import on_layer_inputs
 from fastprocon.utils.io import read_safetensors, save_safetensors
 from fastprocon.utils.plots import line_plot
@@ -127,7 +128,7 @@ def difference_in_means(mu_harmful: torch.Tensor, mu_harmless: torch.Tensor) -> 
     if undefined.all():
         raise ValueError("the mean difference is zero at every layer: are the two prompt sets identical?")
     norms = norms.masked_fill(undefined, 0.0)
-    unit = (diff / norms.clamp_min(1e-300)[:, None]).masked_fill(undefined[:, None], 0.0)
+    unit = unit_direction(diff, torch.float64).masked_fill(undefined[:, None], 0.0)
     return unit.float(), norms.float()
 
 

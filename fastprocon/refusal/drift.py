@@ -2,7 +2,7 @@
 
 Each checkpoint's directions are re-extracted by the same difference in means over the same
 prompts (stored in the initial directions file), and compared layer by layer:
-cos_l = r_l(initial) . r_l(checkpoint), sign kept (procon-method.md section 2).
+cos_l = r_l(initial) . r_l(checkpoint), sign kept (Du et al. 2025, arXiv 2509.06795).
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from fastprocon.models.layers import decoder_layers
+from fastprocon.penalty.ops import unit_direction
 
 # fn(layer index, layer input [B, T, D]) -> replacement input, or None to leave it unchanged
 LayerInputFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -65,12 +66,12 @@ def on_layer_inputs(model: torch.nn.Module, fn: LayerInputFn, layers: Iterable[i
 
 
 def _unit(direction: torch.Tensor) -> torch.Tensor:
-    """fp32 unit vector(s) along the last dim; a zero or non-finite row is an error."""
+    """fp32 unit vector(s) along the last dim (:func:`fastprocon.penalty.ops.unit_direction`); a
+    zero or non-finite row is an error."""
     r = direction.detach().float()
-    norms = r.norm(dim=-1, keepdim=True)
-    if not torch.isfinite(r).all() or (norms == 0).any():
+    if not torch.isfinite(r).all() or (r == 0).all(dim=-1).any():
         raise ValueError("steering direction has a zero-length or non-finite row")
-    return r / norms
+    return unit_direction(r, torch.float32)
 
 
 @contextmanager

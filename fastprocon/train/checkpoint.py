@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -42,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from fastprocon.distributed.collectives import barrier, broadcast_object, on_main
+from fastprocon.distributed.collectives import barrier, first_error, on_main
 from fastprocon.distributed.process import DistContext
 from fastprocon.utils.checksums import verify_manifest, write_manifest
 from fastprocon.utils.io import atomic_path
@@ -123,13 +122,13 @@ class CheckpointManager:
 
     def clean_partial(self) -> list[str]:
         """Remove ``.tmp-*`` directories left by an interrupted save; returns their names."""
-        removed = []
-        if self.ctx.is_main and self.root.is_dir():
-            for tmp in sorted(self.root.glob(TMP_PREFIX + "*")):
+        def remove() -> list[str]:
+            removed = []
+            for tmp in sorted(self.root.glob(TMP_PREFIX + "*")) if self.root.is_dir() else []:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp.name)
-        barrier()
-        return broadcast_object(removed)
+            return removed
+        return on_main(remove)
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names, or None when there is none yet."""
@@ -196,10 +195,7 @@ class CheckpointManager:
         dict: step, scheduler, data position...), per-rank RNG; then point ``latest`` at it."""
         name = step_dir_name(step)
         final, tmp = self.root / name, self.root / (TMP_PREFIX + name)
-        if self.ctx.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
+        on_main(lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(tmp, ignore_errors=True)))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         try:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -213,10 +209,7 @@ class CheckpointManager:
             state = {**trainer_state, "step": step, "world_size": self.ctx.world_size}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         barrier()   # every shard is on disk before the manifest and the rename
-        if self.ctx.is_main:
-            write_manifest(tmp)
-            self._publish(tmp, final)
-        barrier()
+        on_main(lambda: (write_manifest(tmp), self._publish(tmp, final)))   # every rank returns after `latest` moved
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -258,10 +251,7 @@ class CheckpointManager:
                     raise ValueError(f"{rng_file.name}: {err}") from err
         except (Exception, CheckpointException) as err:   # DCP's error is a BaseException
             error = _first_line(err)
-        errors = [error] * self.ctx.world_size
-        if self.ctx.world_size > 1:   # the RNG file is per rank: every rank learns of any failure
-            dist.all_gather_object(errors, error)
-        bad = next((e for e in errors if e is not None), None)
+        bad = first_error(error)   # the RNG file is per rank: every rank learns of any failure
         if bad is not None:
             raise CheckpointError(_unreadable(path, bad))
 

@@ -15,6 +15,7 @@ with however those are produced:
     plan_rows(lengths, capacity) -> rows          # which samples share a row (first-fit decreasing)
     pack_collated(batch) -> packed micro-batch     # [n, T] padded -> [1, sum(lengths)]
     pack_like(x [..., n, T], mask [n, T]) -> [..., 1, sum(lengths)]
+    forward_kwargs(mb) -> the model's keyword arguments for a padded or packed micro-batch
     check_packing_exact(model) -> None | why not   # packed logits == separate logits on this model
     use_packing(setting, model) -> (bool, note)     # data.packing "auto" / "on" / "off"
 """
@@ -86,10 +87,10 @@ def empty_row(pad_id: int) -> dict:
             "pack_mask": torch.ones(1, 1, dtype=torch.bool), "padded_labels": ignored.clone(), "ids": []}
 
 
-def model_inputs(mb: dict, *, varlen_kwargs: bool) -> dict:
-    """The keyword arguments of the model's forward for micro-batch ``mb`` (CPU tensors):
-    input_ids plus attention_mask (padded) or position_ids (packed; with ``varlen_kwargs`` also
-    flash-attn's cu_seq_lens_q/k and max_length_q/k)."""
+def forward_kwargs(mb: dict, *, varlen_kwargs: bool) -> dict:
+    """The keyword arguments of the model's forward for training micro-batch ``mb`` (padded or
+    packed, CPU tensors): input_ids plus attention_mask (padded) or position_ids (packed; with
+    ``varlen_kwargs`` also flash-attn's cu_seq_lens_q/k and max_length_q/k)."""
     if "position_ids" not in mb:
         return {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}
     out = {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"]}
@@ -97,6 +98,8 @@ def model_inputs(mb: dict, *, varlen_kwargs: bool) -> dict:
         out.update(cu_seq_lens_q=mb["cu_seq_lens"], cu_seq_lens_k=mb["cu_seq_lens"],
                    max_length_q=mb["max_length"], max_length_k=mb["max_length"])
     return out
+
+
 
 
 @torch.no_grad()
@@ -124,7 +127,7 @@ def check_packing_exact(model: torch.nn.Module, *, lengths=(5, 3), tolerance: fl
         assert torch.equal(batch["input_ids"], ids)
         varlen = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
         kwargs = {k: (v.to(param.device) if isinstance(v, Tensor) else v)
-                  for k, v in model_inputs(batch, varlen_kwargs=varlen).items()}
+                  for k, v in forward_kwargs(batch, varlen_kwargs=varlen).items()}
         packed = model(**kwargs, use_cache=False).logits[0].float()
     finally:
         model.train(was_training)

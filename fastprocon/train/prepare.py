@@ -23,10 +23,7 @@ from fastprocon.models.layers import decoder_layers
 from fastprocon.models.load import LoadedModel
 from fastprocon.procon.reference import ReferenceCache
 from fastprocon.procon.setup import constrained_layers, directions_for, initial_model
-from fastprocon.refusal.directions import (
-    DirectionSet,
-    directions_hash,
-)
+from fastprocon.refusal.directions import DirectionSet, directions_hash
 from fastprocon.train.config import Config
 
 
@@ -54,7 +51,7 @@ def run_dir_of(cfg: Config) -> Path:
 
 def load_training_data(cfg: Config, tokenizer) -> TrainingData:
     """data.train (+ data.safety_samples from data.safety, mixed by the seed), tokenized through
-    the on-disk cache (fastprocon/data_cache.py): memory-mapped, built once by rank 0."""
+    the on-disk cache (fastprocon/data/cache.py): memory-mapped, built once by rank 0."""
     d = cfg.data
     try:
         examples = load_training_set(resolve_data_path(d.train), tokenizer, d.max_length,

@@ -217,14 +217,11 @@ class SafetyProbe:
     def _set_initial(self, ds: DirectionSet) -> None:
         meta = direction_metadata(self.loaded, self.harmful, self.harmless, ds.norms, self.sources)
         self.initial = DirectionSet(ds.directions, ds.norms, {**meta, "probe": True})
-        if self.ctx.is_main:
-            save_directions(self.initial, self.run_dir / DIRECTIONS_FILE)
+        D.on_main(lambda: save_directions(self.initial, self.run_dir / DIRECTIONS_FILE))
 
     def _set_z0(self, z: torch.Tensor) -> None:
         self.z0 = z
-        if self.ctx.is_main:
-            save_safetensors(self.run_dir / Z0_FILE, {"z0": z.cpu()}, Z0_FORMAT, self._z0_identity())
-        D.barrier()
+        D.on_main(lambda: save_safetensors(self.run_dir / Z0_FILE, {"z0": z.cpu()}, Z0_FORMAT, self._z0_identity()))
 
     def _z0_identity(self) -> dict:
         return {"layers": self.layers, "samples": [ex.id for ex in self.slice],
@@ -236,7 +233,7 @@ class SafetyProbe:
         paths = [self.run_dir / DIRECTIONS_FILE, self.run_dir / Z0_FILE]
         if step == 0:
             return True
-        if not D.broadcast_object(all(p.is_file() for p in paths)):
+        if not D.on_main(lambda: all(p.is_file() for p in paths)):
             self.enabled = False
             self.say(f"warning: safety probe off for this run: no {DIRECTIONS_FILE} / {Z0_FILE} from its step 0 in "
                      f"{self.run_dir} (the run started without train.safety_probe_every)")

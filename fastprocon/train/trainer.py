@@ -46,7 +46,7 @@ from fastprocon.train.metrics import (
     reset_peak_memory,
     training_flops,
 )
-from fastprocon.train.packing import model_inputs, pack_like, use_packing
+from fastprocon.train.packing import forward_kwargs, pack_like, use_packing
 from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
 from fastprocon.train.schedule import WarmupCosine, follow_config
@@ -181,7 +181,7 @@ class Trainer:
             self._procon_samples += len(idx)
         ce_factor = world / max(n_pred, 1)
         for mb in self.batches.micro_batches(step):
-            inputs = {k: to_device(v, dev) for k, v in model_inputs(mb, varlen_kwargs=self.varlen_kwargs).items()}
+            inputs = {k: to_device(v, dev) for k, v in forward_kwargs(mb, varlen_kwargs=self.varlen_kwargs).items()}
             procon = {}
             if scale is not None:
                 procon = dict(hooks=self.hooks, weight=to_device(mb["labels"] != IGNORE_INDEX, dev),

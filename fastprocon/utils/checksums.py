@@ -23,10 +23,11 @@ _BLOCK = 8 << 20
 _THREADS = min(8, os.cpu_count() or 1)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of one file's bytes."""
+def file_sha256(path: str | os.PathLike, block: int = _BLOCK) -> str:
+    """sha256 hex digest of one file's bytes, read ``block`` bytes at a time (one buffer of that
+    size is all it holds)."""
     digest = hashlib.sha256()
-    buffer = bytearray(_BLOCK)
+    buffer = bytearray(block)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):

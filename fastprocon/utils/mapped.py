@@ -171,6 +171,27 @@ def read_rows(array: np.ndarray, start: int, stop: int, out: np.ndarray | None =
     return out
 
 
+def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """(n, header) of a safetensors file: its JSON header as stored ({tensor name: {"dtype",
+    "shape", "data_offsets"}}, and "__metadata__" when the file has one) and the header's length
+    n in bytes (the tensor data start at byte 8 + n). ValueError naming the file when the length
+    field is missing, zero or past the end of the file, or the header is not a JSON object."""
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a readable safetensors file (header length {n}, file {size} bytes: "
+                             "truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise ValueError(f"{path}: not a readable safetensors file (corrupt header: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a readable safetensors file (corrupt header: not a JSON object)")
+    return n, header
+
+
 class MappedFile:
     """A safetensors file of format ``kind`` opened for lazy reads.
 
@@ -186,12 +207,8 @@ class MappedFile:
         if not path.is_file():
             raise FileNotFoundError(f"{kind} file not found: {path}")
         size = path.stat().st_size
+        n, entries = read_safetensors_header(path)
         try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise ValueError(f"header of {n} bytes in a file of {size}")
-                entries = json.loads(f.read(n))
             meta = entries.pop("__metadata__", None) or {}
             end = 0
             for name, e in entries.items():
@@ -202,7 +219,7 @@ class MappedFile:
                 end = max(end, stop)
             if 8 + n + end != size:
                 raise ValueError(f"the file has {size} bytes, its header describes {8 + n + end} (truncated?)")
-        except (ValueError, KeyError, TypeError, struct.error) as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
         if meta.get("format") != kind:
             raise ValueError(f"{path}: expected a {kind} file, found format {meta.get('format')!r}")
