@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a CUDA machine, runnable again unchanged whenever a GPU is available:
-#   1. the GPU tests (benchmarks/gpu_tests.py): the kernels on CUDA with compiled Triton (the
+#   1. the GPU tests (tests/gpu/test_gpu.py): the kernels on CUDA with compiled Triton (the
 #      interpreter is off) and the trainer's CUDA path (FSDP2 on nccl, bf16, resume); then the API
-#      error tests (tests/test_penalty_errors.py);
+#      error tests (tests/penalty/test_penalty_errors.py);
 #   2. bench_penalty.py at GPU sizes; 3. bench_train.py on random-init Llama-3 shapes (bf16), then
 #      bench_train.py --setups: padded vs packed vs chunked CE vs compiled layers vs all three, each
 #      with ProCon off and on, at a Llama-3-8B shape (4 layers, bf16, samples of 256-2048 tokens):
@@ -90,10 +90,11 @@ if echo "$ENV_REPORT" | grep -q '^missing:.*pytest'; then
   skip "GPU tests (kernels, trainer)" "pytest is not installed"
 else
   stage "GPU tests (kernels, trainer)" 120 \
-    "$PY" -m pytest "$REPO/benchmarks/gpu_tests.py" -q --maxfail=5 -p no:cacheprovider --durations=5
+    env TRITON_INTERPRET=0 FASTPROCON_GPU_TESTS=1 "$PY" -m pytest "$REPO/tests/gpu" -q --maxfail=5 -p no:cacheprovider \
+      --durations=5
   # -k: the interpreted-kernel case belongs to the CPU suite (and Triton 3.6's interpreter fails
-  # under NumPy >= 2.4); gpu_tests.py runs its CUDA counterpart.
-  stage "API error tests" 25 "$PY" -m pytest "$REPO/tests/test_penalty_errors.py" -q -p no:cacheprovider \
+  # under NumPy >= 2.4); tests/gpu runs its CUDA counterpart.
+  stage "API error tests" 25 "$PY" -m pytest "$REPO/tests/penalty/test_penalty_errors.py" -q -p no:cacheprovider \
     -k "not interpreted"
 fi
 stage bench_penalty 90 "$PY" "$REPO/benchmarks/bench_penalty.py" "${PENALTY_ARGS[@]}" --out "$OUT/penalty_$TAG.csv"

@@ -7,6 +7,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+# tests/gpu needs a CUDA device and compiled Triton: benchmarks/gpu_check.sh runs it (FASTPROCON_GPU_TESTS=1)
+collect_ignore = [] if os.environ.get("FASTPROCON_GPU_TESTS") == "1" else ["gpu"]
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -15,7 +15,7 @@ from fastprocon.integrations import ProCon
 from fastprocon.integrations.samples import Segment, batch_samples, sample_segments
 from fastprocon.models.load import load_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAVE_TRL = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
 needs_trl = pytest.mark.skipif(not HAVE_TRL, reason="trl and datasets not installed (pip install -e '.[trl]')")
 

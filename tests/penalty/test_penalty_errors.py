@@ -47,7 +47,7 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
 
 
 # The id marks the one case here that runs a kernel under Triton's interpreter: gpu_check.sh
-# deselects it (-k "not interpreted"), since its CUDA counterpart is in benchmarks/gpu_tests.py.
+# deselects it (-k "not interpreted"), since its CUDA counterpart is in tests/gpu/test_gpu.py.
 @pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", id="triton-interpreted")])
 def test_direction_is_normalised(backend):
     """A non-unit direction is normalised: scaling it changes nothing."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import second_step_gradients
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -63,7 +63,7 @@ def test_two_process_fsdp2_run_through_the_cli(two_proc_run):
 
     records = read_metrics(two_proc_run)
     assert [r["step"] for r in records] == list(range(1, 9))
-    # packed by default: l1's sign noise at z = z0 makes the path bumpy (see tests/test_train.py)
+    # packed by default: l1's sign noise at z = z0 makes the path bumpy (see tests/train/test_train.py)
     assert min(r["ce"] for r in records[1:]) < records[0]["ce"] - 0.2, [r["ce"] for r in records]
     ckpt = two_proc_run / "checkpoints" / "step_000008"
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_resources.py"
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

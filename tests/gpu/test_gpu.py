@@ -1,11 +1,11 @@
 """The fused penalty on CUDA with compiled Triton kernels (not the interpreter), and the
 trainer's CUDA path. Run by benchmarks/gpu_check.sh; skipped without a GPU.
 
-    python -m pytest benchmarks/gpu_tests.py      # TRITON_INTERPRET must be unset
+    TRITON_INTERPRET=0 FASTPROCON_GPU_TESTS=1 python -m pytest tests/gpu
 
-It lives outside tests/ on purpose: tests/conftest.py switches the Triton interpreter on for the
-CPU suite. The inputs, the same-dtype error yardstick and the accuracy rule (error against a
-float64 reference at most 2x plain PyTorch's in the input dtype) are those of tests/test_penalty.py,
+The CPU suite does not collect this folder (tests/conftest.py), and there it would run under
+Triton's interpreter, which tests/conftest.py switches on unless TRITON_INTERPRET is set. The inputs, the same-dtype error yardstick and the accuracy rule (error against a
+float64 reference at most 2x plain PyTorch's in the input dtype) are those of tests/penalty/test_penalty.py,
 imported from there; here every tensor lives on the GPU.
 """
 import math
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "penalty"))
 from test_penalty import DELTA, DTYPES, SHAPES, assert_close_to_truth, make_inputs, plain_same_dtype  # noqa: E402
 
 from fastprocon import anchor_projection, procon_penalty  # noqa: E402

@@ -24,7 +24,7 @@ from fastprocon.train.metrics import read_metrics
 from fastprocon.train.signals import STOP_EXIT_STATUS
 from fastprocon.utils.checksums import verify_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def quick(run_dir, *extra):

@@ -7,7 +7,7 @@ non-contiguous), a scale (number, fp32 or fp64 0-d tensor), which of hidden, dir
 reference, weight and scale require grad, the form (procon_penalty or anchor_projection) and a
 backend (torch, reference, and triton under the interpreter at small sizes). Every value and
 every gradient is compared with the same computation on float64 copies through the reference
-backend, within twice the error of plain PyTorch in the input dtype (tests/test_penalty.py).
+backend, within twice the error of plain PyTorch in the input dtype (tests/penalty/test_penalty.py).
 """
 import random
 

