@@ -266,7 +266,8 @@ def main(argv=None) -> int:
             rows.append({**env, "part": part, "phase": phase, "tokenizer": args.tokenizer if part == "data" else "",
                          "per_batch_ms": "", "p20_ms": "", "p80_ms": "", **r, **extra})
             per_batch = "" if r.get("per_batch_ms") in (None, "") else f", {r['per_batch_ms']:.3f} ms/batch"
-            print(f"{part:5} {phase:13} rank {r['rank']}: {r['seconds']:8.2f} s{per_batch}, rss +{r['rss_growth_bytes'] / 2**20:.0f} MiB, anon +{r['anon_growth_bytes'] / 2**20:.0f} MiB, "
+            print(f"{part:5} {phase:13} rank {r['rank']}: {r['seconds']:8.2f} s{per_batch}, "
+                  f"rss +{r['rss_growth_bytes'] / 2**20:.0f} MiB, anon +{r['anon_growth_bytes'] / 2**20:.0f} MiB, "
                   f"peak +{r['peak_growth_bytes'] / 2**20:.0f} MiB (load {r['load_avg']:.1f})", flush=True)
 
     try:
@@ -276,7 +277,8 @@ def main(argv=None) -> int:
                 os.symlink(args.rows_file.resolve(), tmp / "rows.jsonl")
             else:
                 write_rows(tmp / "rows.jsonl", args.rows)
-            print(f"{'linked' if args.rows_file else 'wrote'} {args.rows} rows ({(tmp / 'rows.jsonl').stat().st_size / 2**20:.0f} MiB) in "
+            print(f"{'linked' if args.rows_file else 'wrote'} {args.rows} rows "
+                  f"({(tmp / 'rows.jsonl').stat().st_size / 2**20:.0f} MiB) in "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
             first = launch(args, "data", tmp, args.nproc)
             add("data", "first start", first)

@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rows", type=int, default=0, help="use the first ROWS rows of the built-in benign set (0 = all 48)")
+    p.add_argument("--rows", type=int, default=0,
+                   help="use the first ROWS rows of the built-in benign set (0 = all 48)")
     p.add_argument("--out", default=str(harness.RESULTS_DIR / "integration_cpu.csv"))
     return p.parse_args(argv)
 
@@ -71,9 +72,9 @@ def one_run(args, variant: str, directions: Path, rows: list, round_: int, env: 
             setup = time.perf_counter() - t0
         trainer.train()
     step_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    rows.append({**env, "model": args.model, "variant": variant, "round": round_, "rows": len(rows_), "steps": args.steps,
-                 "batch": args.batch, "step_s": round(step_s, 3), "setup_s": None if setup is None else round(setup, 2),
-                 "load_avg_1m": os.getloadavg()[0]})
+    rows.append({**env, "model": args.model, "variant": variant, "round": round_, "rows": len(rows_),
+                 "steps": args.steps, "batch": args.batch, "step_s": round(step_s, 3),
+                 "setup_s": None if setup is None else round(setup, 2), "load_avg_1m": os.getloadavg()[0]})
     print(rows[-1]["variant"], rows[-1]["round"], rows[-1]["step_s"], rows[-1]["setup_s"], rows[-1]["load_avg_1m"],
           flush=True)
 

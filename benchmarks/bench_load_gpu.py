@@ -62,7 +62,8 @@ def write_random_model(directory: Path, shapes: dict, device: torch.device) -> i
         if p.dim() == 1:
             value = torch.ones(p.shape, dtype=torch.bfloat16)
         else:
-            value = torch.empty(p.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=generator).cpu()
+            value = torch.empty(p.shape, dtype=torch.bfloat16, device=device)
+            value = value.normal_(0, 0.02, generator=generator).cpu()
         pending[key] = value
         pending_bytes += value.numel() * 2
         total += value.numel()

@@ -64,7 +64,7 @@ def main() -> None:
             for s in range(args.steps):
                 steps.append(timed("train step", s + 1, lambda: trainer.step(s)))
                 probes.append(timed("probe", s + 1, lambda: trainer.probe.measure(s + 1)))
-        del trainer
+        trainer = None                  # frees it before the process group shuts down, as before
     finally:
         D.shutdown(ctx)
     ratio = sum(probes) / sum(steps)

@@ -17,7 +17,8 @@ the peak up to the end of the load (before the step). As for every CPU memory fi
 glibc's mmap threshold is fixed at 64 KiB first (benchmarks/harness.py), so a freed tensor
 leaves the resident set; with glibc's default dynamic threshold, freed blocks under 32 MiB
 (a layer's gathered weights, each file slice read) stay resident and the high-water mark
-measures the allocator's cache too (FASTPROCON_BENCH_GLIBC_DEFAULT=1 measures that way). The two paths alternate (``--rounds``) in one run, so both see the same
+measures the allocator's cache too (FASTPROCON_BENCH_GLIBC_DEFAULT=1 measures that way).
+The two paths alternate (``--rounds``) in one run, so both see the same
 machine load; the load average is recorded with each row. Target: sharded <= 0.6 x today's peak.
 
     python benchmarks/bench_startup.py                   # writes benchmarks/results/startup_cpu.csv

@@ -130,7 +130,8 @@ def make_batch(batch: int, seq: int, vocab: int, n_layers: int, hidden: int, dev
     labels[:, :max(1, int(PROMPT_FRACTION * seq))] = IGNORE_INDEX
     directions = torch.randn(n_layers, hidden, generator=g)
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
-            "targets": shift_labels(labels), "weight": (labels != IGNORE_INDEX).to(device),   # targets: CPU, as the trainer's
+            # targets: CPU, as the trainer's
+            "targets": shift_labels(labels), "weight": (labels != IGNORE_INDEX).to(device),
             "z0": torch.randn(n_layers, batch, seq, generator=g).to(device),
             "directions": (directions / directions.norm(dim=1, keepdim=True)).to(device),
             "scale": torch.tensor(1.0 / batch, device=device),      # alpha = 1, "sample" reduction

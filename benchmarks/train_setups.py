@@ -33,7 +33,8 @@ The first warm-up step of each (set-up, variant) is recorded as ``first_step_ms`
 set-ups ``compile_s`` = first step - median step (torch.compile's time, cold unless inductor's
 cache already holds the graphs). The load average (1 min) is sampled every round: ``load_avg`` is
 its median. ``--time-limit S`` ends the pairs after the round running when S seconds of
-them have passed (the ``pairs`` column says how many ran); so does the signal SIGUSR1. No memory pass is made with ``--pairs`` (``peak_mem_bytes`` stays empty).
+them have passed (the ``pairs`` column says how many ran); so does the signal SIGUSR1.
+No memory pass is made with ``--pairs`` (``peak_mem_bytes`` stays empty).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ import harness
 import torch
 from tqdm.auto import tqdm
 
-from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, load_examples, tokenize_examples
+from fastprocon.data.examples import IGNORE_INDEX, load_examples
+from fastprocon.data.tokenize import TokenizedExample, tokenize_examples
 from fastprocon.models.layers import decoder_layers, hidden_size
 from fastprocon.procon.hooks import ProConHooks
 from fastprocon.train.batches import StepBatches
@@ -198,6 +200,7 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
     flipped = [(s, v) for s in args.setups for v in reversed(VARIANTS)]   # --pairs: fused first in odd rounds
     desc = f"bench_train --setups {name}" + (" memory pass" if memory_pass else "")
     n_runs = (warmup + len(timed)) * len(order)
+    deadline = float("inf")         # set when the timed rounds start (i == warmup); only read after that
     with tqdm(total=n_runs, desc=desc, unit="step", file=sys.stderr) as bar:
         for i in range(warmup + len(timed)):
             if pairs and i > warmup and (time.monotonic() > deadline or stop):
@@ -250,7 +253,8 @@ def bench(spec: str, args, device, env: dict, build_model, memory_pass: bool = F
                      "mfu": f"{flops / seconds / peak:.4f}" if peak else "",
                      "peak_mem_bytes": peaks[s, v] if device.type == "cuda" else "",
                      "step_overhead": f"{statistics.median(ratios) - 1:.4f}", "load_avg": load,
-                     "pairs": len(timed) if pairs else "", **spread, "first_step_ms": f"{first[s, v]:.1f}" if pairs else "",
+                     "pairs": len(timed) if pairs else "", **spread,
+                     "first_step_ms": f"{first[s, v]:.1f}" if pairs else "",
                      "compile_s": f"{(first[s, v] - t.median_ms) / 1e3:.1f}"
                      if pairs and SETUPS[s]["compiled"] else ""})
     return rows

@@ -8,7 +8,8 @@ import tempfile
 
 from transformers import Trainer, TrainingArguments
 
-from fastprocon.data.examples import collate, load_examples, resolve_data_path, tokenize_examples
+from fastprocon.data.examples import load_examples, resolve_data_path
+from fastprocon.data.tokenize import collate, tokenize_examples
 from fastprocon.integrations import add_procon
 from fastprocon.models.load import load_model
 

@@ -164,11 +164,13 @@ def table_markdown(cells: dict, rows: list[dict], choice: dict | None, seeds: li
                         f"{choice['verdict']}." if choice["chosen"] else "none qualifies."))
     for name, c in compare.items():
         lines.append(f"- {name}: test ASR {c['asr_diff']:+.1%} (Welch t {c['asr_t']}), over-refusal "
-                     f"{c['over_refusal_diff']:+.1%} (t {c['over_refusal_t']}), CE {c['ce_diff']:+.4f} (t {c['ce_t']}).")
+                     f"{c['over_refusal_diff']:+.1%} (t {c['over_refusal_t']}), "
+                     f"CE {c['ce_diff']:+.4f} (t {c['ce_t']}).")
     seconds = [c["seconds"]["train"] + c["seconds"]["eval"] for c in cells.values()]
     lines += ["", f"Compute: {sum(seconds) / 60:.0f} core-minutes over {len(seconds)} cells (one thread each; "
               "the shared stages not included).", "", "Per cell (Wilson 95% intervals):", "",
-              "| cell | ASR test | over-refusal test | ASR val | over-refusal val | GSM8K CE | steps | train s | eval s |",
+              "| cell | ASR test | over-refusal test | ASR val | over-refusal val "
+              "| GSM8K CE | steps | train s | eval s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, c in cells.items():
         train = c.get("train") or {}
@@ -205,7 +207,8 @@ def start_to_start(rows: list[dict], cells: dict, other_rows: list[dict], other_
             continue
         entry = {}
         for key in ("asr_test", "over_refusal_test", "ce"):
-            t = welch_t(seed_values(cells, r["variant"], seeds, key), seed_values(other_cells, r["variant"], seeds, key))
+            t = welch_t(seed_values(cells, r["variant"], seeds, key),
+                        seed_values(other_cells, r["variant"], seeds, key))
             entry[key] = {"here": r[key], "other": o[key], "diff": r[key][0] - o[key][0],
                           "t": None if t is None else round(t, 2)}
         out[r["variant"]] = entry

@@ -351,7 +351,8 @@ class Experiment:
         """Mean |z - z0| on the GSM8K training rows for every variant, z0 from the aligned model."""
         from projection_drift import deviation, projections
 
-        from fastprocon.data.examples import load_examples, tokenize_examples
+        from fastprocon.data.examples import load_examples
+        from fastprocon.data.tokenize import tokenize_examples
         from fastprocon.refusal.directions import load_directions
 
         directions = load_directions(self.directions_file)

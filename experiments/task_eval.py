@@ -11,7 +11,8 @@ import re
 
 import torch
 
-from fastprocon.data.examples import IGNORE_INDEX, Example, collate, tokenize_examples
+from fastprocon.data.examples import IGNORE_INDEX, Example
+from fastprocon.data.tokenize import collate, tokenize_examples
 from fastprocon.models.load import LoadedModel
 from fastprocon.refusal.evaluate import greedy_completions
 from fastprocon.train.loss import ce_sum, shift_labels

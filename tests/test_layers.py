@@ -36,7 +36,8 @@ def fastprocon_imports(tree: ast.AST):
     `from fastprocon.x import y` counts as fastprocon.x.y when y is a module (a layer, for the root)."""
     top = {id(node) for node in tree.body}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "fastprocon":
+        if (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                and node.module.split(".")[0] == "fastprocon"):
             targets = [f"{node.module}.{a.name}" if node.module == "fastprocon" else node.module for a in node.names]
         elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names if a.name.split(".")[0] == "fastprocon"]
@@ -46,9 +47,12 @@ def fastprocon_imports(tree: ast.AST):
             yield target, node.lineno, id(node) in top
 
 
-def test_every_folder_is_a_known_layer():
-    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+def test_every_folder_is_a_known_layer_and_a_regular_package():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.is_symlink() and any(p.glob("*.py"))}
     assert folders <= set(RANK), f"folders without a layer in tests/test_layers.py: {folders - set(RANK)}"
+    # a folder without __init__.py would be left out of a wheel by setup.py's find_packages
+    missing = sorted(name for name in folders if not (PACKAGE / name / "__init__.py").exists())
+    assert not missing, f"layer folders without __init__.py: {missing}"
 
 
 @pytest.mark.parametrize("module,path", list(modules()), ids=lambda v: v if isinstance(v, str) else "")

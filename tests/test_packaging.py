@@ -88,6 +88,9 @@ def test_a_wheel_carries_the_kernels_as_fastprocon_kernels(site, tmp_path):
     wheel, = wheels.glob("fastprocon-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastprocon/kernels/procon_projection.py" in names
+    layers = {p.name for p in (REPO / "fastprocon").iterdir() if (p / "__init__.py").exists()}
+    assert {n.split("/")[1] for n in names if n.startswith("fastprocon/") and n.count("/") > 1} >= layers
+    assert "fastprocon/data/builtin/benign.json" in names and "fastprocon/configs/default.toml" in names
     assert not [n for n in names if n.startswith("kernels/")], names
     target = tmp_path / "target"
     zipfile.ZipFile(wheel).extractall(target)      # what `pip install --target` lays out
@@ -102,7 +105,8 @@ def test_torchrun_dash_m_from_the_repository_root_loads_models(tmp_path):
     # README's multi-process command started from the repository root
     out = run(["-c", "import kernels; print(kernels.__file__)"], cwd=REPO, pythonpath=[REPO])
     assert Path(out.strip()).resolve().parent != REPO / "kernels", out
-    out = run(["-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}", "-m", "fastprocon.cli",
-               "train", "--config", "tiny", f"run_dir={tmp_path}", "max_steps=1", "export=false"],
+    out = run(["-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+               "-m", "fastprocon.cli", "train", "--config", "tiny", f"run_dir={tmp_path}", "max_steps=1",
+               "export=false"],
               cwd=REPO, pythonpath=[REPO], timeout=300)
     assert (tmp_path / "metrics.jsonl").exists(), out[-2000:]

@@ -38,17 +38,8 @@ from typing import Callable
 
 import numpy as np
 
-from fastprocon.data.examples import (
-    IGNORE_INDEX,
-    Example,
-    TokenizedExample,
-    check_overlong,
-    hash_sorted_examples,
-    load_examples_report,
-    mix_order,
-    scan_jsonl,
-    tokenize_chunk,
-)
+from fastprocon.data.examples import IGNORE_INDEX, Example, load_examples_report, mix_order, scan_jsonl
+from fastprocon.data.tokenize import TokenizedExample, check_overlong, hash_sorted_examples, tokenize_chunk
 from fastprocon.distributed.collectives import on_main
 from fastprocon.utils.checksums import file_sha256
 from fastprocon.utils.mapped import ChunkWriter, MappedFile, read_rows

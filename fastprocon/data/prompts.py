@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from fastprocon.data.examples import builtin_path, format_prompt, load_instructions
+from fastprocon.data.examples import builtin_path, load_instructions
+from fastprocon.data.tokenize import format_prompt
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int | None = None,

@@ -9,14 +9,8 @@
 """
 from __future__ import annotations
 
-from fastprocon.data.examples import (
-    Example,
-    TokenizedExample,
-    load_examples,
-    mix_examples,
-    resolve_data_path,
-    tokenize_examples,
-)
+from fastprocon.data.examples import Example, load_examples, mix_examples, resolve_data_path
+from fastprocon.data.tokenize import TokenizedExample, tokenize_examples
 
 
 def _datasets():

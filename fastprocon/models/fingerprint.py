@@ -34,7 +34,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     process counts, and for the same weights held in fp32 or bf16 (the two training dtypes).
     Any change that moves some weight across a bf16 rounding boundary (any real training step)
     changes it. The base model's parameters only: LoRA adapters and PEFT's
-    ``modules_to_save`` copies are left out and PEFT / checkpoint-wrapper names are mapped back to the plain ones. FSDP2-sharded parameters are
+    ``modules_to_save`` copies are left out and PEFT / checkpoint-wrapper names are mapped back to
+    the plain ones. FSDP2-sharded parameters are
     summed shard by shard (each process its own part) with one all-reduce for the whole model.
     """
     base = unwrap_model(model)

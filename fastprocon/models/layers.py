@@ -31,7 +31,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
                 break
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             return module
-    raise TypeError(f"cannot find the decoder layers of {type(base).__name__}: "
+    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}: "
                     "expected a ModuleList at model.layers (Llama-like) or a known equivalent")
 
 
@@ -47,3 +47,20 @@ def hidden_size(model: torch.nn.Module) -> int:
     if not isinstance(size, int):
         raise TypeError(f"{type(config).__name__} has no integer hidden_size")
     return size
+
+
+def attention_projections(model: torch.nn.Module) -> list[str]:
+    """Names of the attention's linear projections in the decoder layers (``q_proj``, ``k_proj``,
+    ``v_proj``, ``o_proj``; fused ones such as ``qkv_proj``, ``query_key_value``, ``c_attn``), read
+    from the first decoder layer's attention module: the LoRA targets of every family."""
+    layer = decoder_layers(model)[0]
+    attention = [module for name, module in layer.named_children() if "attn" in name or "attention" in name]
+    names = sorted({name.removesuffix(".base_layer").rsplit(".", 1)[-1]   # a LoRA-wrapped layer: its base
+                    for block in attention for name, module in block.named_modules()
+                    if (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
+                    and "lora_" not in name})
+    if not names:
+        found = sorted({name.rsplit(".", 1)[-1] for name, module in layer.named_modules() if name})
+        raise ValueError(f"no attention projections found in {type(layer).__name__} (its modules: {found}); "
+                         "LoRA targets the attention's linear layers")
+    return names

@@ -19,15 +19,19 @@ model has none) and ``padding_side="right"`` (training layout); generation code 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from fastprocon.models.fingerprint import model_fingerprint
-from fastprocon.models.loading import build_model
+from fastprocon.models.layers import decoder_layers
+from fastprocon.models.loading import LORA_PARAM, NotShardable, build_model, first_line, init_lora
 from fastprocon.models.specs import model_dir
 
+logger = logging.getLogger(__name__)
 BUILTIN_SPECS = ("smollm2", "tiny")
 @dataclass
 class LoadedModel:
@@ -44,29 +48,76 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     ``wrap(model) -> model`` runs on the meta-device model before its weights exist (LoRA,
     activation checkpointing, ``fully_shard``); with FSDP2 each process then holds and reads
     only its shards. LoRA adapters get PEFT's default init from ``seed``.
-    ``attn_implementation`` None picks ``"flash_attention_2"`` when flash-attn is importable and
-    ``device`` is CUDA, else ``"sdpa"``.
+    ``attn_implementation`` None: :func:`default_attn_implementation` for the model's class.
+    An architecture whose checkpoint transformers converts while loading (renamed keys, fused
+    experts) or whose buffers cannot be rebuilt is loaded whole through ``from_pretrained`` on
+    each process instead (said in one warning), then wrapped.
     """
     from transformers import AutoTokenizer
 
     directory, name = model_dir(spec)
     device = torch.device(device)
-    attn = attn_implementation or default_attn_implementation(device)
+    attn = attn_implementation or default_attn_implementation(device, model_class(directory))
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001  (transformers raises many types for a bad directory)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load the model in {directory}: {type(err).__name__}: {first}") from err
-    model = build_model(directory, dtype=dtype, device=device, attn_implementation=attn, wrap=wrap, seed=seed)
+    try:
+        model = build_model(directory, dtype=dtype, device=device, attn_implementation=attn, wrap=wrap, seed=seed)
+    except NotShardable as why:
+        logger.warning("%s cannot be loaded sharded (%s): loading it with from_pretrained on each process",
+                       directory, why)
+        model = load_whole(directory, dtype=dtype, device=device, attn_implementation=attn, wrap=wrap, seed=seed)
+    decoder_layers(model)   # a model without decoder layers (an encoder, say) is refused here, in one line
     _prepare_tokenizer(tokenizer)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))
 
 
-def default_attn_implementation(device: torch.device) -> str:
-    """``flash_attention_2`` on CUDA when flash-attn is importable, else ``sdpa``."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def default_attn_implementation(device: torch.device, model_class: type | None = None) -> str:
+    """``flash_attention_2`` on CUDA when flash-attn is importable (and ``model_class`` supports it),
+    else ``sdpa`` where ``model_class`` supports it, else ``eager``."""
+    def supports(flag: str) -> bool:
+        return model_class is None or bool(getattr(model_class, flag, False))
+
+    if (torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+            and supports("_supports_flash_attn")):
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if supports("_supports_sdpa") else "eager"
+
+
+def model_class(directory: Path) -> type:
+    """The transformers causal-LM class of the model in ``directory`` (from its config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ValueError(f"{directory}: {type(config).__name__} has no causal-LM class in transformers "
+                         "(fastprocon trains decoder-only causal LMs)") from None
+    except Exception as err:  # noqa: BLE001  (transformers raises many types for a bad directory)
+        raise ValueError(f"cannot load the model in {directory}: {first_line(err)}") from err
+
+
+def load_whole(directory: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str,
+               wrap: Callable | None = None, seed: int = 0) -> torch.nn.Module:
+    """The model of ``directory`` through transformers' own ``from_pretrained`` (the whole model on
+    this process), then ``wrap``; refuses a checkpoint that leaves any weight missing, unused or
+    mis-shaped. LoRA adapters get the same seeded init as the sharded path."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation,
+                                                       output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        kind, keys = next(iter(bad.items()))
+        raise ValueError(f"{directory}: the checkpoint does not fit the model ({kind.replace('_', ' ')}: "
+                         f"{sorted(map(str, keys))[:3]})")
+    model = model.to(device)
+    model = wrap(model) if wrap is not None else model
+    init_lora(model, [k for k in model.state_dict() if LORA_PARAM.search(k)], seed)
+    return model
 
 
 def _prepare_tokenizer(tokenizer) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from fastprocon.utils.mapped import read_safetensors_header
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-_LORA_PARAM = re.compile(r"\.lora_(A|B)\.")                # PEFT adapter weights: not in the files
+LORA_PARAM = re.compile(r"\.lora_(A|B)\.")                # PEFT adapter weights: not in the files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +82,12 @@ def checkpoint_name(key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Build on meta, wrap, materialise, load
 # ---------------------------------------------------------------------------------------------
+
+class NotShardable(ValueError):
+    """This architecture's checkpoint cannot be read straight into a meta-device build: transformers
+    converts it at load time (renamed keys, per-expert tensors fused), or the model holds buffers that
+    cannot be rebuilt after ``to_empty``. The message says which; load it with ``from_pretrained``."""
+
 
 def build_model(directory: Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str,
                 wrap: Callable[[nn.Module], nn.Module] | None = None, seed: int = 0) -> nn.Module:
@@ -132,8 +138,8 @@ def restore_buffers(model: nn.Module, device: torch.device) -> None:
                 continue
             config = getattr(module, "config", None)
             if config is None or next(module.parameters(), None) is not None or next(module.children(), None):
-                raise ValueError(f"cannot rebuild the buffers {held} of {type(module).__name__} after building on the "
-                                 "meta device (not a parameter-free module made from the config)")
+                raise NotShardable(f"the buffers {held} of {type(module).__name__} cannot be rebuilt after building on "
+                                   "the meta device (not a parameter-free module made from the config)")
             with torch.device(device):
                 setattr(parent, name, type(module)(config))
 
@@ -150,10 +156,17 @@ def load_weights(model: nn.Module, directory: Path, files: list[Path], *, seed: 
         for name, info in read_header(path).items():
             stored[name] = (path, info)
     state = model.state_dict(keep_vars=True)
+    expected = {checkpoint_name(key) for key in state if not LORA_PARAM.search(key)}
+    unknown = sorted(set(stored) - expected)
+    if unknown:   # names the model does not use: a checkpoint transformers converts while loading
+        missing = sorted(expected - set(stored))
+        raise NotShardable(f"its checkpoint names differ from the model's ({len(unknown)} file tensors such as "
+                           f"'{unknown[0]}' are not model parameters" + (f"; the model expects e.g. '{missing[0]}'"
+                                                                         if missing else "") + ")")
     to_load, loaded_ids, fresh = {}, set(), []
     for key, tensor in state.items():
         name = checkpoint_name(key)
-        if _LORA_PARAM.search(key):
+        if LORA_PARAM.search(key):
             fresh.append(key)
             continue
         if name in stored:

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fastprocon.data.cache import TokenizedDataset, as_dataset
-from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, collate
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.data.tokenize import TokenizedExample, collate
 from fastprocon.distributed.collectives import on_main
 from fastprocon.models.fingerprint import FINGERPRINT_VERSION, check_fingerprint_version
 from fastprocon.models.load import LoadedModel
@@ -132,7 +133,8 @@ class ReferenceCache:
             raise ValueError(f"sample {data.id(i)!r}: {data.lengths[i]} tokens; needs <= max_length={max_length}")
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         header = {"model": loaded.name, "model_fingerprint": loaded.fingerprint,
-                  "fingerprint_version": FINGERPRINT_VERSION, "directions_hash": directions_hash(directions), "dataset_hash": data.hash,
+                  "fingerprint_version": FINGERPRINT_VERSION, "directions_hash": directions_hash(directions),
+                  "dataset_hash": data.hash,
                   "max_length": int(max_length), "layers": layers, "storage_dtype": storage_dtype,
                   "build_id": on_main(lambda: uuid.uuid4().hex),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

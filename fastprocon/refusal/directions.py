@@ -22,8 +22,8 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from fastprocon.data.examples import format_prompt
 from fastprocon.data.prompts import context_length, encode_prompts, pad_batch
+from fastprocon.data.tokenize import format_prompt
 from fastprocon.models.fingerprint import FINGERPRINT_VERSION, check_fingerprint_version
 from fastprocon.models.layers import hidden_size, num_layers
 from fastprocon.models.load import LoadedModel

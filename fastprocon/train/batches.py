@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastprocon.data.examples import TokenizedExample, collate
+from fastprocon.data.tokenize import TokenizedExample, collate
 from fastprocon.train.loss import shift_labels
 from fastprocon.train.packing import empty_row, pack_collated, plan_rows
 

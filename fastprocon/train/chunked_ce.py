@@ -121,3 +121,29 @@ class OutputLayerLoss:
         rows = hidden.flatten(0, -2).index_select(0, self._index)
         return linear_ce_sum(rows, self.head.weight, self._targets, self.head.bias,
                              rows_per_chunk=self.rows_per_chunk)
+
+
+@torch.no_grad()
+def check_chunked_ce_exact(model: nn.Module, *, length: int = 7, tolerance: float = 1e-3) -> str | None:
+    """None when the chunked CE through the output layer equals the CE of the model's own logits on
+    this model; else a sentence saying why not. Models that post-process the output layer's result in
+    their forward (Granite's ``logits_scaling``, Gemma's final-logit softcapping) would apply that to
+    the CE sum. One forward of ``length`` tokens each way: run it on every process together."""
+    param = next(model.parameters())
+    head = unwrap_model(model).get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return f"its output layer is a {type(head).__name__}, not an nn.Linear"
+    ids = torch.randint(0, head.weight.shape[0], (1, length), generator=torch.Generator().manual_seed(0))
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE_INDEX)], dim=1)
+    ids, targets = ids.to(param.device), targets.to(param.device)
+    plain = F.cross_entropy(model(input_ids=ids, use_cache=False).logits[0].float(), targets[0],
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = OutputLayerLoss(model)
+    with loss.installed():
+        index = predicted_positions(targets.cpu()).to(param.device)
+        loss.arm(index, targets.flatten()[index])
+        chunked = model(input_ids=ids, use_cache=False).logits.float()
+    if (chunked - plain).abs() > tolerance * plain.abs().clamp_min(1.0):
+        return (f"the model's forward changes its output layer's result (CE from its logits {plain.item():.4f}, "
+                f"through the output layer {chunked.item():.4f}: logit scaling or softcapping)")
+    return None

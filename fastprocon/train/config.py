@@ -31,7 +31,10 @@ class ModelConfig:
     activation_checkpointing: bool = False
     compile: str = "auto"                  # torch.compile each decoder layer: "auto" (on CUDA), "on", "off"
     chunked_ce: bool = True                # CE through the output layer in row chunks, never the full logits
-    lora: bool = False                     # LoRA on q/k/v/o instead of full fine-tuning
+                                           # (where that equals the model's own CE; else the full logits)
+    attn_implementation: str = "auto"      # "auto": flash-attn on CUDA, else sdpa, else eager (what the model
+                                           # supports); or "sdpa", "eager", "flash_attention_2", "flex_attention"
+    lora: bool = False                     # LoRA on the attention projections instead of full fine-tuning
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -73,7 +76,8 @@ class TrainConfig:
                                            # micro_batch_size x max_length)
     log_every: int = 10                    # steps between metric lines (and host syncs)
     tensorboard: bool = False
-    safety_probe_every: int = 0            # live safety probe (train/probe.py) at step 0, every K steps, the last; 0 = off
+    # live safety probe (train/probe.py) at step 0, every K steps, the last; 0 = off
+    safety_probe_every: int = 0
     probe_harmful: str = "harmful_eval"    # probe prompts: a file or built-in set name
     probe_harmless: str = "harmless_eval"
     probe_max_prompts: int = 0             # seeded subset per prompt set; 0 = all
@@ -109,6 +113,7 @@ CHOICES = {
     "model.device": ("auto", "cpu", "cuda"),
     "model.mixed_precision": ("auto", "bf16", "fp32"),
     "model.compile": ("auto", "on", "off"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     "data.packing": ("auto", "on", "off"),
     **{f"procon.{key}": allowed for key, allowed in PROCON_CHOICES.items()},
 }

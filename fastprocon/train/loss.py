@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.data.tokenize import TokenizedExample
 
 
 def shift_labels(labels: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastprocon.models.layers import unwrap_model
 from fastprocon.utils.io import atomic_path
 
 # Dense bf16 peak FLOP/s per device (no sparsity), by substring of the CUDA device name.
@@ -43,12 +44,22 @@ def count_params(model: nn.Module) -> int:
 
 
 def matmul_params(model: nn.Module) -> int:
-    """Parameters that take part in matmuls: all but an untied input embedding (a lookup)."""
-    total = count_params(model)
+    """Parameters that take part in a token's matmuls: all but an untied input embedding (a lookup);
+    of a mixture of experts' expert weights, the share a token uses (experts per token / experts)."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb
-    return total if tied else total - emb.numel()
+    config = unwrap_model(model).config
+    experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(config, k, None)), None)
+    active = getattr(config, "num_experts_per_tok", None) / experts if experts else 1.0
+    seen, total = set(), 0.0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * (active if ".experts." in name else 1.0)   # DTensor.numel(): the global size
+    return round(total) if tied else round(total) - emb.numel()
 
 
 def attention_width(config) -> int:

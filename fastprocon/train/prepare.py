@@ -19,7 +19,7 @@ from fastprocon.data.cache import TokenizedDataset, load_training_set
 from fastprocon.data.examples import resolve_data_path
 from fastprocon.distributed.collectives import broadcast_object
 from fastprocon.distributed.process import DistContext
-from fastprocon.models.layers import decoder_layers
+from fastprocon.models.layers import attention_projections, decoder_layers
 from fastprocon.models.load import LoadedModel
 from fastprocon.procon.reference import ReferenceCache
 from fastprocon.procon.setup import constrained_layers, directions_for, initial_model
@@ -113,7 +113,8 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device)
 
 
 def apply_lora(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
-    """Wrap ``model`` with LoRA adapters on q/k/v/o (base weights frozen). Needs ``peft``.
+    """Wrap ``model`` with LoRA adapters on the attention's projections (q/k/v/o, or the family's fused
+    ones: models.layers.attention_projections; base weights frozen). Needs ``peft``.
 
     On a meta-device model the adapters are placeholders: loading.load_weights gives them
     PEFT's default init from cfg.train.seed (the same values whatever the process count)."""
@@ -123,7 +124,7 @@ def apply_lora(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
         raise ModuleNotFoundError("config model.lora = true needs the peft package: pip install peft") from err
     m = cfg.model
     config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias="none",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+                        target_modules=attention_projections(model), task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):   # on a real model: the same adapters on every rank
         torch.manual_seed(cfg.train.seed)
         return get_peft_model(model, config)

@@ -17,7 +17,8 @@ so every process gets the same values.
   <run>/probe_directions.safetensors --checkpoints <export>`` computes;
 - projection deviation: mean |z - z0| over response tokens, per layer, on the first
   ``train.probe_samples`` training examples; z = h . r by :func:`reference.compute_projections`
-  (as the reference cache z0 is made), with ProCon's directions and layers (the probe's own step-0 directions when ProCon is off), z0 the
+  (as the reference cache z0 is made), with ProCon's directions and layers (the probe's own step-0
+  directions when ProCon is off), z0 the
   same at step 0. Measured whatever alpha is.
 
 Step 0's directions and z0 are saved in the run directory (:data:`DIRECTIONS_FILE`,
@@ -34,8 +35,9 @@ from typing import Callable
 import torch
 
 import fastprocon.distributed as D
-from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, resolve_data_path
+from fastprocon.data.examples import IGNORE_INDEX, resolve_data_path
 from fastprocon.data.prompts import read_prompts
+from fastprocon.data.tokenize import TokenizedExample
 from fastprocon.models.layers import hidden_size, num_layers
 from fastprocon.models.load import LoadedModel
 from fastprocon.procon.reference import compute_projections

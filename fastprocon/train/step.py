@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from fastprocon.models.layers import unwrap_model
 from fastprocon.procon.hooks import ProConHooks
 from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
 from fastprocon.train.loss import ce_sum
@@ -28,35 +29,49 @@ def to_device(t, device: torch.device):
 
 
 def forward_ce_sum(model: torch.nn.Module, inputs: dict, targets: Tensor, device: torch.device,
-                   output_loss: OutputLayerLoss | None = None) -> Tensor:
-    """Forward pass; the summed CE of ``targets`` [B, T] (long, CPU; -100 = no prediction) as a 0-d
-    fp32 tensor on ``device``: through the chunked output layer when ``output_loss`` is installed
-    (the logits never exist in full), else from the full logits."""
-    if output_loss is None:
-        return ce_sum(model(**inputs, use_cache=False).logits, to_device(targets, device))
-    index = predicted_positions(targets)
-    output_loss.arm(to_device(index, device), to_device(targets.flatten()[index], device))
+                   output_loss: OutputLayerLoss | None = None) -> tuple[Tensor, Tensor | None]:
+    """Forward pass -> (the summed CE of ``targets`` [B, T] (long, CPU; -100 = no prediction) as a 0-d
+    fp32 tensor on ``device``, the router's weighted auxiliary loss or None). The CE goes through the
+    chunked output layer when ``output_loss`` is installed (the logits never exist in full), else
+    from the full logits. A mixture-of-experts model configured to return its router's
+    load-balancing loss (``output_router_logits``) adds ``router_aux_loss_coef * aux_loss`` to its
+    own loss: that term is returned too."""
+    if output_loss is not None:
+        index = predicted_positions(targets)
+        output_loss.arm(to_device(index, device), to_device(targets.flatten()[index], device))
     try:
-        return model(**inputs, use_cache=False).logits    # the output layer returned the CE sum
+        out = model(**inputs, use_cache=False)
     finally:
-        output_loss.disarm()
+        if output_loss is not None:
+            output_loss.disarm()
+    # with the chunked output layer, "logits" is already the CE sum
+    ce = out.logits if output_loss is not None else ce_sum(out.logits, to_device(targets, device))
+    aux = getattr(out, "aux_loss", None)
+    coef = getattr(unwrap_model(model).config, "router_aux_loss_coef", None)
+    return ce, (coef * aux if aux is not None and coef else None)
 
 
 def micro_step(model: torch.nn.Module, inputs: dict, targets: Tensor, ce_factor: float, device: torch.device, *,
                output_loss: OutputLayerLoss | None = None, hooks: ProConHooks | None = None,
-               weight: Tensor | None = None, z0: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+               weight: Tensor | None = None, z0: Tensor | None = None, scale: Tensor | None = None,
+               aux_factor: float = 1.0) -> Tensor:
     """Forward and backward of one micro-batch, adding into the parameters' gradients.
 
     inputs: the model's keyword inputs on ``device``; targets: [B, T] next-token labels (CPU).
     With ``scale`` (0-d fp32 tensor, alpha * normaliser), ``hooks`` are armed with ``weight`` [B, T]
     (response mask) and ``z0`` [n_layers, B, T] for this forward and its backward.
+    A router auxiliary loss the model returns (mixture of experts) is added times ``aux_factor``
+    (1 / this process's micro-batches of the step: their mean, which FSDP then averages over processes).
     Returns the detached CE sum (0-d fp32); the penalty stays in ``hooks.take_penalty()``.
     """
     if scale is not None:
         hooks.arm(weight, z0, scale)
     try:
-        ce = forward_ce_sum(model, inputs, targets, device, output_loss)
-        (ce * ce_factor).backward()
+        ce, aux = forward_ce_sum(model, inputs, targets, device, output_loss)
+        loss = ce * ce_factor
+        if aux is not None:   # the model's own loss adds it per forward: a mean over the micro-batches
+            loss = loss + aux * aux_factor
+        loss.backward()
     finally:
         if scale is not None:
             hooks.disarm()

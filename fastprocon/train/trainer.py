@@ -31,7 +31,7 @@ from fastprocon.procon.schedule import AlphaSchedule
 from fastprocon.refusal.directions import directions_hash
 from fastprocon.train.batches import StepBatches
 from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
-from fastprocon.train.chunked_ce import OutputLayerLoss
+from fastprocon.train.chunked_ce import OutputLayerLoss, check_chunked_ce_exact
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.dashboard import draw_dashboard
 from fastprocon.train.export import clean_export_staging, export_model
@@ -93,8 +93,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         # built on the meta device, wrapped (LoRA, checkpointing, FSDP2), then each process reads its shards
+        attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
         loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
-                            wrap=lambda model: wrap_for_training(cfg, model, ctx.device))
+                            attn_implementation=attn, wrap=lambda model: wrap_for_training(cfg, model, ctx.device))
         self.model_name, self.model_fingerprint = loaded.name, loaded.fingerprint
         self.data = load_training_data(cfg, loaded.tokenizer)
         self.say(f"model {loaded.name}: {num_layers(loaded.model)} layers, hidden {hidden_size(loaded.model)}; "
@@ -102,8 +103,10 @@ class Trainer:
                  f" + {self.data.n_safety} safety), {self.data.n_truncated} cut at {cfg.data.max_length} tokens")
         with initial_model(loaded.model):    # every process runs the same probe forwards (FSDP collectives)
             packing, note = use_packing(cfg.data.packing, loaded.model)
-        if note:
-            self.say(note)
+            chunked_ce_off = check_chunked_ce_exact(loaded.model) if cfg.model.chunked_ce else None
+        for line in (note, chunked_ce_off and f"chunked cross entropy off: {chunked_ce_off}; CE from the full logits"):
+            if line:
+                self.say(line)
         self.varlen_kwargs = getattr(loaded.model.config, "_attn_implementation", None) == "flash_attention_2"
         # default rows: micro_batch_size x max_length with flash-attn's varlen kernel; max_length on
         # sdpa/eager, which compute a packed row's attention densely (T^2 per row, masked)
@@ -128,7 +131,7 @@ class Trainer:
         self.compiled = D.use_compile(cfg.model.compile, ctx.device)     # applied by wrap_for_training
         flops_base = (matmul_params(model), num_layers(model), attention_width(unwrap_model(model).config))
         self.model = model
-        self.output_loss = OutputLayerLoss(model).install() if cfg.model.chunked_ce else None
+        self.output_loss = OutputLayerLoss(model).install() if cfg.model.chunked_ce and not chunked_ce_off else None
         self.hooks = None
         if self.procon is not None:
             rows = self.procon.directions.directions[self.procon.layers].to(ctx.device)
@@ -180,14 +183,15 @@ class Trainer:
             scale = torch.full((), value, dtype=torch.float32, device=dev)   # a fill: no host-device copy
             self._procon_samples += len(idx)
         ce_factor = world / max(n_pred, 1)
-        for mb in self.batches.micro_batches(step):
+        micro_batches = self.batches.micro_batches(step)
+        for mb in micro_batches:
             inputs = {k: to_device(v, dev) for k, v in forward_kwargs(mb, varlen_kwargs=self.varlen_kwargs).items()}
             procon = {}
             if scale is not None:
                 procon = dict(hooks=self.hooks, weight=to_device(mb["labels"] != IGNORE_INDEX, dev),
                               z0=self._z0(mb, inputs), scale=scale)
-            self._acc[0] += micro_step(self.model, inputs, mb["targets"], ce_factor, dev,
-                                       output_loss=self.output_loss, **procon)
+            self._acc[0] += micro_step(self.model, inputs, mb["targets"], ce_factor, dev, output_loss=self.output_loss,
+                                       aux_factor=1 / len(micro_batches), **procon)
         if scale is not None:
             self._acc[1] += self.hooks.take_penalty() / scale
         self._n_pred_acc += n_pred

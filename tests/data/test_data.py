@@ -10,18 +10,14 @@ from fastprocon.data.examples import (
     BUILTIN_SETS,
     IGNORE_INDEX,
     Example,
-    TokenizedExample,
     builtin_path,
-    collate,
-    dataset_hash,
-    format_prompt,
     load_examples,
     load_examples_report,
     load_instructions,
     mix_examples,
     resolve_data_path,
-    tokenize_examples,
 )
+from fastprocon.data.tokenize import TokenizedExample, collate, dataset_hash, format_prompt, tokenize_examples
 from fastprocon.models.specs import tiny_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -148,7 +144,8 @@ def test_load_instructions(tmp_path):
     assert load_instructions(write_json(tmp_path / "i.json", rows)) == [
         "Plain string.", "With category.", "With input.\n\ndata"]
     assert load_instructions(write_jsonl(tmp_path / "i.jsonl", ['"a"', '{"instruction": "b"}'])) == ["a", "b"]
-    for bad, match in [(["ok", ""], r"item \[1\]: empty instruction"), ([{"prompt": "x"}], "missing field 'instruction'"),
+    for bad, match in [(["ok", ""], r"item \[1\]: empty instruction"),
+                       ([{"prompt": "x"}], "missing field 'instruction'"),
                        ([3], "must be a string or an object, got int"), ([{"instruction": 1}], "must be a string")]:
         with pytest.raises(ValueError, match=match):
             load_instructions(write_json(tmp_path / "bad.json", bad))

@@ -13,16 +13,8 @@ import torch
 
 from fastprocon.data import cache as data_cache
 from fastprocon.data.cache import TokenizedDataset, load_training_set, open_cache
-from fastprocon.data.examples import (
-    IGNORE_INDEX,
-    TokenizedExample,
-    builtin_path,
-    dataset_hash,
-    load_examples,
-    load_examples_report,
-    mix_examples,
-    tokenize_examples,
-)
+from fastprocon.data.examples import IGNORE_INDEX, builtin_path, load_examples, load_examples_report, mix_examples
+from fastprocon.data.tokenize import TokenizedExample, dataset_hash, tokenize_examples
 from fastprocon.models.specs import tiny_tokenizer
 from fastprocon.train.loss import example_counts
 from fastprocon.utils.mapped import ChunkWriter, MappedFile, read_rows
@@ -113,7 +105,8 @@ def test_safety_mix_and_dropped_prompts_match_the_plain_path(tmp_path, data, tok
     with pytest.raises(ValueError, match=re.escape("safety_samples = 99 but safety has only 32 examples")):
         load_training_set(data, tok, 128, safety=safety, safety_samples=99, cache_dir=tmp_path)
     long = tmp_path / "long.json"
-    long.write_text(json.dumps([{"instruction": "short", "output": "ok"}, {"instruction": "long " * 40, "output": "x"}]))
+    long.write_text(json.dumps([{"instruction": "short", "output": "ok"},
+                                {"instruction": "long " * 40, "output": "x"}]))
     with pytest.raises(ValueError, match=r"1 example\(s\) have prompts of >= max_length=80"):
         load_training_set(long, tok, 80, cache_dir=tmp_path)
     assert not list(tmp_path.glob("long-*"))                                    # nothing half-written

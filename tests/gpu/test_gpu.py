@@ -4,7 +4,8 @@ trainer's CUDA path. Run by benchmarks/gpu_check.sh; skipped without a GPU.
     TRITON_INTERPRET=0 FASTPROCON_GPU_TESTS=1 python -m pytest tests/gpu
 
 The CPU suite does not collect this folder (tests/conftest.py), and there it would run under
-Triton's interpreter, which tests/conftest.py switches on unless TRITON_INTERPRET is set. The inputs, the same-dtype error yardstick and the accuracy rule (error against a
+Triton's interpreter, which tests/conftest.py switches on unless TRITON_INTERPRET is set.
+The inputs, the same-dtype error yardstick and the accuracy rule (error against a
 float64 reference at most 2x plain PyTorch's in the input dtype) are those of tests/penalty/test_penalty.py,
 imported from there; here every tensor lives on the GPU.
 """

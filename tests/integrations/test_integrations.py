@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprocon.data.examples import IGNORE_INDEX, collate
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.data.tokenize import collate
 from fastprocon.integrations import ProCon
 from fastprocon.integrations.samples import Segment, batch_samples, sample_segments
 from fastprocon.models.load import load_model
@@ -68,7 +69,8 @@ def tiny_directions(tmp_path_factory):
 
 
 def tiny_batches(tokenizer, n=8, batch_size=4):
-    from fastprocon.data.examples import load_examples, resolve_data_path, tokenize_examples
+    from fastprocon.data.examples import load_examples, resolve_data_path
+    from fastprocon.data.tokenize import tokenize_examples
     examples, _ = tokenize_examples(load_examples(resolve_data_path("benign"))[:n], tokenizer, 96)
     batches = [collate(examples[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, n, batch_size)]
     for b in batches:

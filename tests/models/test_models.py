@@ -69,7 +69,7 @@ def test_decoder_layers_through_wrappers(tiny):
     layers = decoder_layers(tiny.model)
     assert isinstance(layers, torch.nn.ModuleList) and len(layers) == 4
     assert decoder_layers(torch.compile(tiny.model)) is layers   # compile is lazy: nothing is traced here
-    with pytest.raises(TypeError, match="decoder layers of Linear"):
+    with pytest.raises(ValueError, match="decoder layers of Linear"):
         decoder_layers(torch.nn.Linear(2, 2))
 
 

@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from fastprocon.cli import main
-from fastprocon.data.examples import (
-    builtin_path,
-    collate,
-    dataset_hash,
-    load_examples,
-    load_instructions,
-    tokenize_examples,
-)
+from fastprocon.data.examples import builtin_path, load_examples, load_instructions
+from fastprocon.data.tokenize import collate, dataset_hash, tokenize_examples
 from fastprocon.models.load import load_model
 from fastprocon.procon.reference import ReferenceCache, compute_projections, iter_projections, parse_layers
 from fastprocon.procon.reference_files import shard_path, write_index, write_shard

@@ -112,7 +112,8 @@ def test_tensor_digest_ignores_metadata_not_values(tmp_path):
     t = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
     save_file(t, tmp_path / "x.safetensors", metadata={"created": "monday", "model": "/here"})
     save_file(t, tmp_path / "y.safetensors", metadata={"created": "tuesday"})
-    save_file({**t, "a": t["a"] + 2 ** -20}, tmp_path / "z.safetensors", metadata={"created": "monday", "model": "/here"})
+    save_file({**t, "a": t["a"] + 2 ** -20}, tmp_path / "z.safetensors",
+              metadata={"created": "monday", "model": "/here"})
     digest = tensors_sha256(tmp_path / "x.safetensors")
     assert tensors_sha256(tmp_path / "y.safetensors") == digest != tensors_sha256(tmp_path / "z.safetensors")
 

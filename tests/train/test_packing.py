@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import second_step_gradients
 
 import fastprocon.distributed as D
-from fastprocon.data.examples import IGNORE_INDEX, TokenizedExample, collate
+from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.data.tokenize import TokenizedExample, collate
 from fastprocon.models.load import load_model
 from fastprocon.train import Trainer, load_config, packing
 from fastprocon.train.batches import StepBatches

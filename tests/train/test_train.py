@@ -264,7 +264,8 @@ def test_overlong_prompts_are_an_error_or_dropped_on_request(tmp_path):
     data = tmp_path / "long.json"
     data.write_text(json.dumps(rows))
     common = (f"data.train={data}", "safety_samples=0", "max_length=64", "max_steps=1", "batch_size=8")
-    with pytest.raises(ValueError, match=r"1 example\(s\) have prompts of >= max_length=64.*data.drop_overlong_prompts"):
+    with pytest.raises(ValueError,
+                       match=r"1 example\(s\) have prompts of >= max_length=64.*data.drop_overlong_prompts"):
         run(tmp_path / "a", *common)
     result = run(tmp_path / "b", *common, "drop_overlong_prompts=true")
     summary = json.loads((result.run_dir / "summary.json").read_text())

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from fastprocon.cli import main
-from fastprocon.data.examples import TokenizedExample
+from fastprocon.data.tokenize import TokenizedExample
 from fastprocon.procon.config import procon_scale
 from fastprocon.procon.schedule import AlphaSchedule
 from fastprocon.train.batches import StepBatches
@@ -62,7 +62,8 @@ BAD_FILES = [
     ("[procon]\nlayers = [1, 'a']\n", TypeError, "procon.layers must be str or list of int"),
     ("[model\n", ValueError, "invalid TOML"),
     ("model = 3\n", ValueError, r"\[model\] must be a table"),
-    ("alpha = 0.1\n[procon]\nnorm = 'l1'\n", ValueError, r"alpha = 0.1 is outside any section; put it under \[procon\]"),
+    ("alpha = 0.1\n[procon]\nnorm = 'l1'\n", ValueError,
+     r"alpha = 0.1 is outside any section; put it under \[procon\]"),
 ]
 
 
