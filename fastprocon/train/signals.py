@@ -19,8 +19,10 @@ import contextlib
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # not at run time: `fastprocon train --help` imports this module for STOP_EXIT_STATUS
+    import torch
 
 # EX_TEMPFAIL (sysexits.h): "temporary failure; the user is invited to retry" -- rerun to resume
 STOP_EXIT_STATUS = 75
