@@ -51,6 +51,7 @@ class StopRequest:
         self.signum: int | None = None     # the first signal received while deferring
         self._deferring = False
         self._pending = None                # lagged: (host flag, CUDA event or None) of the previous boundary
+        self._buffers = None                # (device flag, two pinned host flags, two events): made once
 
     @contextlib.contextmanager
     def installed(self):
@@ -108,14 +109,19 @@ class StopRequest:
             if event is not None:
                 event.synchronize()
             agreed = _name(int(host[0]))
-        flag = torch.full((1,), mine, dtype=torch.int32, device=self.device)   # a fill: no host-device copy
+        if self._buffers is None:   # allocated once; the two host copies alternate (one may still be read)
+            cuda = self.device.type == "cuda"
+            self._buffers = (torch.zeros(1, dtype=torch.int32, device=self.device),
+                             [torch.zeros(1, dtype=torch.int32, pin_memory=cuda) for _ in range(2)],
+                             [torch.cuda.Event() if cuda else None for _ in range(2)], [0])
+        flag, hosts, events, turn = self._buffers
+        flag.fill_(mine)                 # a fill: no host-device copy
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        host, event = flag, None
-        if self.device.type == "cuda":
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
+        host, event = hosts[turn[0]], events[turn[0]]
+        host.copy_(flag, non_blocking=event is not None)
+        if event is not None:
             event.record()
+        turn[0] ^= 1
         self._pending = (host, event)
         return agreed
 
