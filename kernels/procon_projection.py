@@ -5,6 +5,8 @@ per-token weights w [N]:
 
     z_i   = H_i . r                              (accumulated in fp32; fp64 for fp64 input)
     loss  = sum_i w_i * psi(z_i - z0_i)          (unscaled; the caller multiplies by `scale`)
+    psi   = |d| (l1), d^2 (l2sq), Huber with threshold delta (huber), or max(|d| - delta, 0)
+            (band: psi' is exactly 0 inside |d| <= delta)
     c_i   = w_i * psi'(z_i - z0_i)               (unscaled gradient coefficient)
     dL/dH = g * c (outer) r                      (g = upstream gradient * scale, a 0-d tensor)
     hc    = sum_i c_i H_i                        (only when the direction needs a gradient:
@@ -30,8 +32,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# psi selectors (constexpr); the Python layer maps "l1"/"l2sq"/"huber" to these.
-NORM_L1, NORM_L2SQ, NORM_HUBER = 0, 1, 2
+# psi selectors (constexpr); the Python layer maps "l1"/"l2sq"/"huber"/"band" to these.
+NORM_L1, NORM_L2SQ, NORM_HUBER, NORM_BAND = 0, 1, 2, 3
 
 
 @triton.jit
@@ -42,8 +44,9 @@ def _procon_fwd_kernel(
     z_ptr, coef_ptr,           # [N] outputs, accumulation dtype
     partial_ptr,               # [num_programs] per-program loss partials
     hc_ptr,                    # [num_programs, D] per-program partials of sum_i c_i H_i (NEED_DIR_GRAD)
-    N, D, delta,
-    NORM: tl.constexpr, HAS_Z0: tl.constexpr, HAS_W: tl.constexpr, NEED_GRAD: tl.constexpr,
+    N, D, delta,               # delta: Huber's threshold or the band's half-width (unless HAS_DELTA_PTR)
+    delta_ptr,                 # 0-d tensor holding delta instead (HAS_DELTA_PTR): no host sync for the caller
+    NORM: tl.constexpr, HAS_DELTA_PTR: tl.constexpr, HAS_Z0: tl.constexpr, HAS_W: tl.constexpr, NEED_GRAD: tl.constexpr,
     NEED_DIR_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -68,6 +71,8 @@ def _procon_fwd_kernel(
     w = tl.where(row_mask, 1.0, 0.0).to(ACC_DTYPE)
     if HAS_W:
         w = tl.load(w_ptr + rows, mask=row_mask, other=0).to(ACC_DTYPE)
+    if HAS_DELTA_PTR:
+        delta = tl.load(delta_ptr).to(ACC_DTYPE)
     absd = tl.abs(diff)
     sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(ACC_DTYPE)
     if NORM == 0:    # l1: |d|, subgradient sign(d) (0 at 0)
@@ -76,10 +81,14 @@ def _procon_fwd_kernel(
     elif NORM == 1:  # l2sq: d^2
         psi = diff * diff
         dpsi = 2.0 * diff
-    else:            # huber(delta): quadratic inside |d| <= delta, linear outside
+    elif NORM == 2:  # huber(delta): quadratic inside |d| <= delta, linear outside
         inside = absd <= delta
         psi = tl.where(inside, 0.5 * diff * diff, delta * (absd - 0.5 * delta))
         dpsi = tl.where(inside, diff, delta * sign)
+    else:            # band(delta): 0 inside |d| <= delta (gradient exactly 0), |d| - delta outside
+        outside = absd > delta
+        psi = tl.where(outside, absd - delta, 0.0)
+        dpsi = tl.where(outside, sign, 0.0)
     tl.store(partial_ptr + pid, tl.sum(w * psi, axis=0))
     c = w * dpsi   # 0 on rows past N
     if NEED_GRAD:
@@ -210,11 +219,12 @@ def wrap(kernel):
 
 def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: torch.Tensor | None,
                    weight: torch.Tensor | None, norm: int, delta: float, need_grad: bool,
-                   need_dir_grad: bool = False):
+                   need_dir_grad: bool = False, delta_tensor: torch.Tensor | None = None):
     """Launch the fused forward.
 
     hidden [N, D] (stride(1) == 1), direction [D] in the accumulation dtype (fp32, or fp64 for
-    fp64 hidden), reference / weight [N] or None. Returns (z [N], coef [N] or [0], loss [],
+    fp64 hidden), reference / weight [N] or None; delta_tensor, when given, is a 0-d float tensor
+    on hidden's device used in place of delta. Returns (z [N], coef [N] or [0], loss [],
     hc [D] or [0]) in the accumulation dtype; the loss is unscaled; hc = sum_i coef_i H_i is
     computed only with need_dir_grad (through a [programs, D] temporary, freed on return).
     """
@@ -236,7 +246,9 @@ def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: tor
             hidden, hidden.stride(0), direction,
             reference if reference is not None else z, weight if weight is not None else z,
             z, coef, partials, hc_partials if need_dir_grad else z, N, D, float(delta),
-            NORM=norm, HAS_Z0=reference is not None, HAS_W=weight is not None, NEED_GRAD=need_grad,
+            delta_tensor if delta_tensor is not None else z,
+            NORM=norm, HAS_DELTA_PTR=delta_tensor is not None, HAS_Z0=reference is not None,
+            HAS_W=weight is not None, NEED_GRAD=need_grad,
             NEED_DIR_GRAD=need_dir_grad, ACC_DTYPE=acc_tl, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
         )
     wrap(_sum_partials_kernel)[(1,)](partials, loss, partials.numel(), ACC_DTYPE=acc_tl, BLOCK=1024)

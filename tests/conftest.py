@@ -47,3 +47,36 @@ def second_step_gradients(cfg):
     finally:
         D.shutdown(ctx)
     return result
+
+
+def first_step_gradients(cfg):
+    """A tiny-model Trainer on ``cfg``: step 1's gradients at the initial weights accumulated with
+    the config's ProCon, then again with alpha 0 (CE only) on the same trainer and batches (works
+    on one process or under torchrun).
+
+    -> (ProCon sum of step 1 summed over processes, gradients with ProCon, gradients of CE alone,
+        both full tensors by parameter name)
+    """
+    import fastprocon.distributed as D
+    from fastprocon.train import Trainer
+
+    def full_grads(model):
+        return {n.replace("._orig_mod", ""): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                .clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ctx = D.init_distributed("cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        with trainer.hooks.installed():
+            trainer.accumulate_gradients(0)
+            procon = D.all_reduce_sum(trainer._acc.clone())[1]
+            with_procon = full_grads(trainer.model)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer._reset_interval()
+            trainer.alpha = lambda step: 0.0      # the same step, CE alone
+            trainer.accumulate_gradients(0)
+            ce_only = full_grads(trainer.model)
+        del trainer                   # before the group goes (see D.shutdown)
+    finally:
+        D.shutdown(ctx)
+    return procon, with_procon, ce_only

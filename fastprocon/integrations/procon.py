@@ -43,7 +43,7 @@ from fastprocon.procon.config import ProConConfig, procon_scale, validate_procon
 from fastprocon.procon.hooks import ProConHooks, stack_recorded
 from fastprocon.procon.reference import ReferenceCache
 from fastprocon.procon.schedule import AlphaSchedule
-from fastprocon.procon.setup import constrained_layers, directions_for, initial_model
+from fastprocon.procon.setup import band_widths, constrained_layers, directions_for, initial_model
 from fastprocon.refusal.directions import directions_hash
 
 
@@ -77,9 +77,10 @@ class ProCon:
         **settings: the keys of ``fastprocon train``'s ``[procon]`` section (procon/config.py's
             ProConConfig), with the same defaults: alpha=0.1, schedule="constant" | "warmup" |
             "off", alpha_after, alpha_warmup_steps, alpha_warmup_epochs, layers="all" or
-            [indices], norm, delta, reduction, backend, directions (a file; made there when
-            absent; "" = made in memory), harmful, harmless, direction_batch_size,
-            reference="cache" | "adapters_off" (default: "adapters_off" under PEFT, else "cache").
+            [indices], norm, delta, band_fraction, reduction, backend, directions (a file; made
+            there when absent; "" = made in memory), harmful, harmless, direction_batch_size,
+            reference="cache" | "adapters_off" (default: "adapters_off" under PEFT, else "cache";
+            norm="band" needs "cache": its widths come from the recorded z0).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, steps_per_epoch: int | None = None,
@@ -149,6 +150,8 @@ class ProCon:
             with self._initial_model(), torch.random.fork_rng(devices=[]):   # leave the data order as it was
                 record_reference(self.model, self.hooks, batches, path, header)
         self.reference = ReferenceCache.load(path, dataset_hash=None, max_length=None, **identity)
+        if self.cfg.norm == "band":   # the band's per-layer widths: a fraction of z0's spread in this cache
+            self.hooks.set_widths(band_widths(self.reference, self.layers, self.cfg.band_fraction).to(self.device))
 
     def remove(self) -> None:
         """Take every hook off the model."""

@@ -24,6 +24,7 @@ from fastprocon.penalty import ops
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 Scale = Union[float, int, Tensor]
+Delta = Union[float, int, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def _check_float(name: str, t: Tensor, allow_bool: bool = False) -> None:
 
 
 def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor], weight: Optional[Tensor],
-                  norm: str, delta: float, scale: Scale, backend: str, validate: bool) -> None:
+                  norm: str, delta: Delta, scale: Scale, backend: str, validate: bool) -> None:
     _check_float("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [N, D] or [B, T, D], got shape {tuple(hidden.shape)}")
@@ -58,7 +59,8 @@ def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor]
         if tuple(t.shape) != lead:
             raise ValueError(f"{name} must have shape {list(lead)} (hidden's leading dims, hidden is "
                              f"{tuple(hidden.shape)}), got {tuple(t.shape)}")
-    for name, t in (("direction", direction), ("reference", reference), ("weight", weight), ("scale", scale)):
+    for name, t in (("direction", direction), ("reference", reference), ("weight", weight), ("scale", scale),
+                    ("delta", delta)):
         if isinstance(t, Tensor) and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     _check_options(norm, delta, backend)
@@ -70,17 +72,33 @@ def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor]
         raise TypeError(f"scale must be a Python number or a 0-d tensor, got {type(scale).__name__}")
     if validate and not torch.compiler.is_compiling():  # value checks need a host sync on GPU
         _check_direction_values(direction)
+        _check_delta_value(norm, delta)
 
 
-def _check_options(norm: str, delta: float, backend: str) -> None:
+def _check_options(norm: str, delta: Delta, backend: str) -> None:
     if norm not in ops.NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(ops.NORMS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if isinstance(delta, Tensor):   # metadata only; its value is checked by _check_delta_value
+        _check_float("delta", delta)
+        if delta.dim() != 0:
+            raise ValueError(f"delta must be a Python number or a 0-d tensor, got shape {tuple(delta.shape)}")
+        if delta.requires_grad:
+            raise ValueError("delta must not require grad: the penalty has no gradient in its width")
+        return
     if not (isinstance(delta, (int, float)) and delta >= 0 and delta < float("inf")):
         raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
     if norm == "huber" and delta == 0:   # Huber with delta 0 is identically zero: no constraint at all
         raise ValueError("delta must be > 0 for norm='huber'")
+
+
+def _check_delta_value(norm: str, delta: Delta) -> None:
+    """The value checks of a tensor delta (a host sync on GPU), as _check_options does for a float."""
+    if isinstance(delta, Tensor):
+        value = float(delta)
+        if not (value >= 0 and value < float("inf")) or (norm == "huber" and value == 0):
+            raise ValueError(f"delta must be a finite number >= 0 (> 0 for norm='huber'), got tensor({value!r})")
 
 
 def _check_direction_values(direction: Tensor) -> None:
@@ -126,7 +144,12 @@ def _higher_order_error(name: str, why: str) -> RuntimeError:
     return RuntimeError(f"{name}: double backward (create_graph=True) is not supported {why}")
 
 
-def _unweighted_psi(z: Tensor, reference: Optional[Tensor], norm: int, delta: float) -> Tensor:
+def _split_delta(delta: Delta) -> tuple[float, Optional[Tensor]]:
+    """(float delta, 0-d tensor delta or None): the fused ops' two ways of taking it."""
+    return (0.0, delta) if isinstance(delta, Tensor) else (float(delta), None)
+
+
+def _unweighted_psi(z: Tensor, reference: Optional[Tensor], norm: int, delta: Delta) -> Tensor:
     return ops.psi_and_grad(z - reference.to(z.dtype) if reference is not None else z, norm, delta)[0]
 
 
@@ -146,12 +169,13 @@ class ProConPenaltyFunction(torch.autograd.Function):
     """(loss, z): loss = sum w psi(H r_hat - z0) (unscaled), z = H r_hat; backward: the rank-one
     g c (outer) r_hat for H plus the vector gradients above. z is saved (an output, [N]) so that
     a create_graph backward is built from differentiable ops of z: double backward in H, z0, w
-    and the upstream gradient is exact (psi'' = 0 for l1, 2 for l2sq, 0/1 for huber)."""
+    and the upstream gradient is exact (psi'' = 0 for l1 and band, 2 for l2sq, 0/1 for huber)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, norm: int, delta: float, backend: str):
+    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, norm: int, delta: Delta, backend: str):
         need_coef, need_hc = _needs(ctx)
-        z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, need_coef, need_hc)
+        z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, *_split_delta(delta),
+                                                 need_coef, need_hc)
         ctx.save_for_backward(coef, r, z, reference, weight, hc)
         ctx.norm, ctx.delta, ctx.backend, ctx.dtype = norm, delta, backend, hidden.dtype
         ctx.set_materialize_grads(False)
@@ -197,10 +221,11 @@ class AnchorProjectionFunction(torch.autograd.Function):
     backpropagated with gradient 1), and dL/dscale = the unscaled penalty."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, scale: Scale, norm: int, delta: float,
+    def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, scale: Scale, norm: int, delta: Delta,
                 backend: str):
         need_coef, need_hc = _needs(ctx)
-        z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, delta, need_coef, need_hc)
+        z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, *_split_delta(delta),
+                                                 need_coef, need_hc)
         g = scale.to(r.dtype) if isinstance(scale, Tensor) else torch.full((), scale, dtype=r.dtype, device=r.device)
         # z and z0 only when the weight needs a gradient (psi(z - z0)): the training path keeps c and r alone.
         need_w = ctx.needs_input_grad[3]
@@ -250,8 +275,12 @@ def _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, 
     return h2, ops.unit_direction(direction, hidden.dtype), _rows(reference), _rows(weight), backend
 
 
+def _as_delta(delta: Delta) -> Delta:
+    return delta if isinstance(delta, Tensor) else float(delta)
+
+
 def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,
-                   weight: Optional[Tensor] = None, *, norm: str = "l1", delta: float = 1.0,
+                   weight: Optional[Tensor] = None, *, norm: str = "l1", delta: Delta = 1.0,
                    scale: Scale = 1.0, backend: str = "auto", return_projection: bool = False,
                    validate: bool = True):
     """ProCon projection penalty, differentiable in ``hidden``.
@@ -263,8 +292,13 @@ def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor
         reference: z0, hidden's leading shape ([N] or [B, T]), any float dtype; None = zeros.
         weight: per-token weights of hidden's leading shape, bool or float; 0 excludes a token
             (prompt, padding). None = all ones.
-        norm: "l1" (|d|, the paper's choice; subgradient 0 at 0), "l2sq" (d^2) or "huber"
-            (0.5 d^2 for |d| <= delta, else delta (|d| - delta / 2)).
+        norm: "l1" (|d|, the paper's choice; subgradient 0 at 0), "l2sq" (d^2), "huber"
+            (0.5 d^2 for |d| <= delta, else delta (|d| - delta / 2)) or "band" (max(|d| - delta, 0):
+            an insensitive band of half-width delta around z0, inside which the gradient is exactly 0;
+            outside it the gradient is l1's, sign(d)).
+        delta: Huber's threshold or the band's half-width (ignored by l1 and l2sq): a finite
+            number >= 0 (> 0 for huber), or a 0-d float tensor on hidden's device that does not
+            require grad (e.g. one row of per-layer widths: no host sync, one compiled graph).
         scale: a Python number or a 0-d tensor (e.g. alpha / global sample count, no host sync).
         backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch" or "reference".
         return_projection: also return z = hidden . r_hat (detached).
@@ -285,13 +319,13 @@ def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor
         loss, z = ops.procon_penalty_ref(hidden, direction, reference, weight, norm=norm, delta=delta, scale=scale)
         return (loss, z.detach()) if return_projection else loss
     h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
-    loss, z = ProConPenaltyFunction.apply(h2, r, ref, w, ops.NORMS[norm], float(delta), backend)
+    loss, z = ProConPenaltyFunction.apply(h2, r, ref, w, ops.NORMS[norm], _as_delta(delta), backend)
     loss = loss * scale   # outside the Function: autograd gives dL/dscale (the unscaled loss)
     return (loss, z.detach().view(hidden.shape[:-1])) if return_projection else loss
 
 
 def anchor_projection(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,
-                      weight: Optional[Tensor] = None, *, norm: str = "l1", delta: float = 1.0,
+                      weight: Optional[Tensor] = None, *, norm: str = "l1", delta: Delta = 1.0,
                       scale: Scale = 1.0, backend: str = "auto", validate: bool = True) -> tuple[Tensor, Tensor]:
     """Injection form of ``procon_penalty`` for training loops.
 
@@ -309,7 +343,7 @@ def anchor_projection(hidden: Tensor, direction: Tensor, reference: Optional[Ten
                               backend="reference", validate=validate)
         return _AddGradOf.apply(hidden, loss), loss.detach()
     h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
-    out, penalty = AnchorProjectionFunction.apply(h2, r, ref, w, scale, ops.NORMS[norm], float(delta), backend)
+    out, penalty = AnchorProjectionFunction.apply(h2, r, ref, w, scale, ops.NORMS[norm], _as_delta(delta), backend)
     return out.view(hidden.shape), penalty
 
 
@@ -329,7 +363,7 @@ class _AddGradOf(torch.autograd.Function):
 class ProConPenalty(torch.nn.Module):
     """Module form holding one direction: ``ProConPenalty(direction, norm="l1")(hidden, z0, w)``."""
 
-    def __init__(self, direction: Tensor, *, norm: str = "l1", delta: float = 1.0, backend: str = "auto"):
+    def __init__(self, direction: Tensor, *, norm: str = "l1", delta: Delta = 1.0, backend: str = "auto"):
         super().__init__()
         # Everything about the direction and options is checked here, once: forward skips the
         # value checks (they would cost a host sync per call on GPU).
@@ -338,8 +372,13 @@ class ProConPenalty(torch.nn.Module):
             raise ValueError(f"direction must be 1-D [D], got shape {tuple(direction.shape)}")
         _check_direction_values(direction)
         _check_options(norm, delta, backend)
+        _check_delta_value(norm, delta)
         self.register_buffer("direction", direction.detach().float().clone())
-        self.norm, self.delta, self.backend = norm, delta, backend
+        if isinstance(delta, Tensor):   # a buffer: it follows the module's .to(device)
+            self.register_buffer("delta", delta.detach().clone())
+        else:
+            self.delta = delta
+        self.norm, self.backend = norm, backend
 
     def forward(self, hidden: Tensor, reference: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                 scale: Scale = 1.0) -> Tensor:

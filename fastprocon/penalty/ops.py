@@ -8,7 +8,9 @@
 - ``reference`` (``procon_penalty_ref``): the naive unfused autograd version; the benchmarks'
   baseline and the tests' oracle (run in float64).
 
-Every fused op works on 2-D H [N, D] with a contiguous last dim. Forward ops return
+Every fused op works on 2-D H [N, D] with a contiguous last dim. ``delta`` (Huber's threshold, the
+band's half-width) is a float, or a 0-d tensor on H's device (``delta_tensor``, which then wins):
+a per-call width that costs no host sync and, under torch.compile, no graph per value. Forward ops return
 (z [N], coef [N] or [0], loss [], hc [D] or [0]) in the accumulation dtype (fp32; fp64 for fp64
 H), loss unscaled, hc = sum_i coef_i H_i (only with need_dir_grad: the direction's gradient);
 backward ops return grad_scale * coef (outer) r (+ grad_in) as a new [N, D] tensor.
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from fastprocon.kernels import procon_projection as kernels
 
-NORMS = {"l1": kernels.NORM_L1, "l2sq": kernels.NORM_L2SQ, "huber": kernels.NORM_HUBER}
+NORMS = {"l1": kernels.NORM_L1, "l2sq": kernels.NORM_L2SQ, "huber": kernels.NORM_HUBER, "band": kernels.NORM_BAND}
 
 # Rows per chunk of the torch path are chosen so a chunk's fp32 copy stays near 4 MiB.
 _CHUNK_ELEMENTS = 1 << 20
@@ -52,19 +54,26 @@ def unit_direction(direction: Tensor, dtype: torch.dtype) -> Tensor:
     return (d / torch.linalg.vector_norm(d, dim=-1, keepdim=True)).to(acc)
 
 
-def psi_and_grad(diff: Tensor, norm: int, delta: float) -> tuple[Tensor, Tensor]:
-    """psi(diff) and psi'(diff) elementwise, for the norm codes of ``NORMS``."""
+def psi_and_grad(diff: Tensor, norm: int, delta: float | Tensor) -> tuple[Tensor, Tensor]:
+    """psi(diff) and psi'(diff) elementwise, for the norm codes of ``NORMS`` (delta: a float or a
+    0-d tensor, cast to diff's dtype)."""
     if norm == kernels.NORM_L1:
         return diff.abs(), diff.sign()
     if norm == kernels.NORM_L2SQ:
         return diff * diff, 2.0 * diff
+    if isinstance(delta, Tensor):
+        delta = delta.to(diff.dtype)
+    if norm == kernels.NORM_BAND:   # max(|d| - delta, 0): psi' is exactly 0 inside the band
+        outside = diff.abs() > delta
+        zero = torch.zeros((), dtype=diff.dtype, device=diff.device)
+        return torch.where(outside, diff.abs() - delta, zero), torch.where(outside, diff.sign(), zero)
     inside = diff.abs() <= delta
     psi = torch.where(inside, 0.5 * diff * diff, delta * (diff.abs() - 0.5 * delta))
     return psi, torch.where(inside, diff, delta * diff.sign())
 
 
 def weighted_psi(z: Tensor, reference: Optional[Tensor], weight: Optional[Tensor], norm: int,
-                 delta: float) -> tuple[Tensor, Tensor]:
+                 delta: float | Tensor) -> tuple[Tensor, Tensor]:
     """(w * psi(z - z0), w * psi'(z - z0)) per row, in z's dtype; None means z0 = 0, w = 1."""
     diff = z - reference.to(z.dtype) if reference is not None else z
     psi, dpsi = psi_and_grad(diff, norm, delta)
@@ -75,7 +84,8 @@ def weighted_psi(z: Tensor, reference: Optional[Tensor], weight: Optional[Tensor
 
 
 def _fwd_fake(hidden: Tensor, direction: Tensor, reference: Optional[Tensor], weight: Optional[Tensor],
-              norm: int, delta: float, need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              norm: int, delta: float, delta_tensor: Optional[Tensor], need_grad: bool,
+              need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     (n, d), acc = hidden.shape, acc_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if need_grad else 0, dtype=acc),
             hidden.new_empty((), dtype=acc), hidden.new_empty(d if need_dir_grad else 0, dtype=acc))
@@ -92,9 +102,10 @@ def _bwd_fake(coef: Tensor, direction: Tensor, grad_scale: Tensor, grad_in: Opti
 
 @torch.library.triton_op("fastprocon::projection_fwd_triton", mutates_args=())
 def projection_fwd_triton(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
-                          weight: Optional[Tensor], norm: int, delta: float,
+                          weight: Optional[Tensor], norm: int, delta: float, delta_tensor: Optional[Tensor],
                           need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels.projection_fwd(hidden, direction, reference, weight, norm, delta, need_grad, need_dir_grad)
+    return kernels.projection_fwd(hidden, direction, reference, weight, norm, delta, need_grad, need_dir_grad,
+                                  delta_tensor)
 
 
 @torch.library.triton_op("fastprocon::projection_bwd_triton", mutates_args=())
@@ -117,9 +128,10 @@ def _row_chunks(n: int, d: int, dtype: torch.dtype):
 
 @torch.library.custom_op("fastprocon::projection_fwd_torch", mutates_args=())
 def projection_fwd_torch(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
-                         weight: Optional[Tensor], norm: int, delta: float,
+                         weight: Optional[Tensor], norm: int, delta: float, delta_tensor: Optional[Tensor],
                          need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, d = hidden.shape
+    width = delta if delta_tensor is None else delta_tensor
     acc = acc_dtype(hidden.dtype)
     z = torch.empty(n, dtype=acc, device=hidden.device)
     hc = torch.zeros(d if need_dir_grad else 0, dtype=acc, device=hidden.device)
@@ -129,8 +141,8 @@ def projection_fwd_torch(hidden: Tensor, direction: Tensor, reference: Optional[
         if need_dir_grad:  # while the chunk's upcast copy is at hand: one pass over H
             ref_rows = reference[rows] if reference is not None else None
             w_rows = weight[rows] if weight is not None else None
-            hc.addmv_(h.t(), weighted_psi(z[rows], ref_rows, w_rows, norm, delta)[1])
-    psi, dpsi = weighted_psi(z, reference, weight, norm, delta)
+            hc.addmv_(h.t(), weighted_psi(z[rows], ref_rows, w_rows, norm, width)[1])
+    psi, dpsi = weighted_psi(z, reference, weight, norm, width)
     coef = dpsi if need_grad else z.new_empty(0)
     return z, coef, psi.sum(), hc
 
@@ -164,12 +176,13 @@ BACKWARD = {"triton": projection_bwd_triton, "torch": projection_bwd_torch}
 
 
 def procon_penalty_ref(hidden: Tensor, direction: Tensor, reference: Optional[Tensor] = None,
-                       weight: Optional[Tensor] = None, *, norm: str = "l1", delta: float = 1.0,
+                       weight: Optional[Tensor] = None, *, norm: str = "l1", delta: float | Tensor = 1.0,
                        scale: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
     """The obviously-right version: upcast H, matvec, psi, weighted sum; autograd does the rest.
 
     hidden [..., D] any float dtype (computed in fp32, or fp64 for fp64 input); direction [D]
-    (normalised here, overflow-safe); reference / weight of hidden's leading shape. Returns (loss [], z [...]).
+    (normalised here, overflow-safe); reference / weight of hidden's leading shape; delta a float
+    or a 0-d tensor. Returns (loss [], z [...]).
     """
     acc = acc_dtype(hidden.dtype)
     z = hidden.to(acc) @ unit_direction(direction, hidden.dtype)

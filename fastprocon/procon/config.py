@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 PROCON_CHOICES = {
     "schedule": ("constant", "warmup", "off"),
-    "norm": ("l1", "l2sq", "huber"),
+    "norm": ("l1", "l2sq", "huber", "band"),
     "reduction": ("sample", "token"),
     "backend": ("auto", "triton", "torch", "reference"),
     "reference": ("cache", "adapters_off"),
@@ -24,8 +24,9 @@ class ProConConfig:
     alpha_warmup_steps: int = 0            # warm-up length in optimizer steps ...
     alpha_warmup_epochs: float = 0.0       # ... or in epochs (exactly one of the two for "warmup")
     layers: str | list[int] = "all"        # "all" = every layer that has a direction, or layer indices
-    norm: str = "l1"                       # "l1" (paper), "l2sq", "huber"
+    norm: str = "l1"                       # "l1" (paper), "l2sq", "huber", "band"
     delta: float = 1.0                     # huber delta
+    band_fraction: float = 0.05            # band half-width at each layer: this fraction of z0's std there
     reduction: str = "sample"              # "sample": mean over samples (paper); "token": mean over tokens
     backend: str = "auto"                  # penalty backend: "auto", "triton", "torch", "reference"
     directions: str = ""                   # an existing directions file; "" = <run dir>/directions.safetensors
@@ -64,6 +65,10 @@ def validate_procon(p: ProConConfig, *, lora: bool) -> None:
         need(len(p.layers) > 0 and all(i >= 0 for i in p.layers) and len(set(p.layers)) == len(p.layers),
              "procon.layers", "a non-empty list of distinct layer indices >= 0")
     need(finite(p.delta) and p.delta > 0, "procon.delta", "> 0")
+    need(finite(p.band_fraction) and p.band_fraction > 0, "procon.band_fraction", "a finite number > 0")
+    if p.norm == "band" and p.reference != "cache":
+        raise ValueError(f"config procon.norm = 'band' needs procon.reference = 'cache', got {p.reference!r}: the "
+                         "band's per-layer widths come from the spread of the z0 cache")
     need(p.direction_batch_size >= 1, "procon.direction_batch_size", ">= 1")
     need(p.reference == "cache" or lora, "procon.reference",
          "'cache' unless model.lora = true (only LoRA keeps the initial model: adapters off)")

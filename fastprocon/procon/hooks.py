@@ -45,10 +45,14 @@ class ProConHooks:
         layer_ids: the constrained layers, in the order of the rows of ``directions`` and of z0.
         directions: [len(layer_ids), D] unit directions (fp32), on the model's device.
         norm, delta, backend: as in :func:`fastprocon.procon_penalty`.
+        widths: [len(layer_ids)] per-layer delta (fp32, on the directions' device), one value per
+            constrained layer in place of ``delta``: the band's half-widths for ``norm="band"``
+            (see :func:`fastprocon.procon.setup.band_widths`), which needs them (here or through
+            :meth:`set_widths` before the first :meth:`arm`).
     """
 
     def __init__(self, model: nn.Module, layer_ids: Sequence[int], directions: Tensor, *,
-                 norm: str = "l1", delta: float = 1.0, backend: str = "auto"):
+                 norm: str = "l1", delta: float = 1.0, backend: str = "auto", widths: Tensor | None = None):
         layer_ids = [int(l) for l in layer_ids]
         if directions.dim() != 2 or directions.shape[0] != len(layer_ids):
             raise ValueError(f"directions must be [{len(layer_ids)}, D] (one row per constrained layer), "
@@ -65,6 +69,9 @@ class ProConHooks:
         self._run_order = sorted(range(len(layer_ids)), key=lambda row: layer_ids[row])   # rows, in layer order
         self.directions = directions
         self.norm, self.delta, self.backend = norm, delta, backend
+        self.widths: Tensor | None = None
+        if widths is not None:
+            self.set_widths(widths)
         self._weight: Tensor | None = None
         self._z0: Tensor | None = None
         self._scale: Tensor | None = None
@@ -79,6 +86,16 @@ class ProConHooks:
         with on_layer_inputs(self.model, self._on_layer_input, self.layer_ids, keys=self._row_keys):
             yield self
 
+    def set_widths(self, widths: Tensor) -> None:
+        """Per-layer delta, [len(layer_ids)] finite and >= 0, one per row of ``directions``
+        (checked here once: the hooks then read a row without a host sync)."""
+        if widths.dim() != 1 or widths.shape[0] != len(self.layer_ids) or not widths.is_floating_point():
+            raise ValueError(f"widths must be a float [{len(self.layer_ids)}] tensor (one per constrained layer), "
+                             f"got {widths.dtype} {tuple(widths.shape)}")
+        if not bool((torch.isfinite(widths) & (widths >= 0)).all()):
+            raise ValueError(f"widths must be finite and >= 0, got {widths.tolist()}")
+        self.widths = widths.detach().to(self.directions.device)
+
     # -- per-batch inputs ------------------------------------------------------------------------
 
     def arm(self, weight: Tensor, z0: Tensor, scale: Tensor | float) -> None:
@@ -91,6 +108,9 @@ class ProConHooks:
         if z0.dim() != 3 or z0.shape[0] != len(self.layer_ids) or z0.shape[1:] != weight.shape:
             raise ValueError(f"z0 must be [{len(self.layer_ids)}, B, T] matching weight {tuple(weight.shape)}, "
                              f"got {tuple(z0.shape)}")
+        if self.norm == "band" and self.widths is None:
+            raise RuntimeError("norm='band' needs the per-layer band widths: pass widths= (or call set_widths) "
+                               "before arming the hooks")
         self._weight, self._z0, self._scale = weight, z0, scale
 
     def disarm(self) -> None:
@@ -135,8 +155,9 @@ class ProConHooks:
                                   backend=self.backend, return_projection=True, validate=False)
             self._recorded.append(z)
             return None
+        delta = self.delta if self.widths is None else self.widths.index_select(0, row)[0]
         hidden, penalty = anchor_projection(
-            hidden, direction, self._z0.index_select(0, row)[0], self._weight, norm=self.norm, delta=self.delta,
+            hidden, direction, self._z0.index_select(0, row)[0], self._weight, norm=self.norm, delta=delta,
             scale=self._scale, backend=self.backend, validate=False)
         if not _in_backward():   # else a checkpoint recomputation: already logged in the forward
             self._penalty_total = self._penalty_total + penalty

@@ -86,6 +86,22 @@ class ReferenceCache:
         out[:, mask] = self.files.rows(list(zip(shards.tolist(), rows.tolist()))).T
         return out.to(labels.device)
 
+    def layer_std(self) -> np.ndarray:
+        """Standard deviation of z0 over every response token of the cache, per layer: [n_layers]
+        float64. Two passes over the memory maps in chunks (mean, then squared deviations), summed
+        in float64 by numpy in the index's sample order: the same value on every process and for
+        a cache built by any number of processes."""
+        n, total = 0, np.zeros(len(self.layers))
+        for chunk in self.files.chunks():
+            total += chunk.numpy().astype(np.float64).sum(axis=0)
+            n += chunk.shape[0]
+        if n == 0:
+            raise ValueError(f"reference cache {self.path} holds no response token: z0 has no spread")
+        mean, squares = total / n, np.zeros(len(self.layers))
+        for chunk in self.files.chunks():
+            squares += np.square(chunk.numpy().astype(np.float64) - mean).sum(axis=0)
+        return np.sqrt(squares / n)
+
     @classmethod
     def load(cls, path: str | os.PathLike, *, model_fingerprint: str | None, directions_hash: str | None,
              dataset_hash: str | None, max_length: int | None, layers: list[int] | None) -> "ReferenceCache":

@@ -176,6 +176,14 @@ class Z0Files:
     def count(self, shard: int, row: int) -> int:
         return int(self._offsets[shard][row + 1] - self._offsets[shard][row])
 
+    def chunks(self, samples_per_chunk: int = 4096):
+        """Yield every sample's z0 rows, ``samples_per_chunk`` samples at a time (fp32 [n, n_layers]
+        each), in the index's order (sorted ids): the same sequence of values whatever the number
+        of shards the cache was built with."""
+        for start in range(0, len(self), samples_per_chunk):
+            stop = min(start + samples_per_chunk, len(self))
+            yield self.rows(list(zip(self._shard_of[start:stop].tolist(), self._row_of[start:stop].tolist())))
+
     def rows(self, pieces: list[tuple[int, int]]) -> torch.Tensor:
         """z0 rows of the samples (shard, row), concatenated: [sum n_i, n_layers] fp32 (only
         these rows are read and upcast; read from the files, not through the maps, so the

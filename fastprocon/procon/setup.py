@@ -1,9 +1,10 @@
 """Setting ProCon up on a model: its refusal directions (loaded and checked, or made on the initial
-model), the constrained layers, and the initial model itself (for z0). One routine for
+model), the constrained layers, the initial model itself (for z0) and the band's per-layer widths. One routine for
 ``fastprocon train`` (train/prepare.py) and for the integrations (integrations/procon.py)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,7 @@ from fastprocon.data.examples import load_instructions, resolve_data_path
 from fastprocon.distributed.collectives import on_main
 from fastprocon.models.load import LoadedModel
 from fastprocon.procon.config import ProConConfig
+from fastprocon.procon.reference import ReferenceCache
 from fastprocon.refusal.directions import DirectionSet, extract_directions, load_directions_for, save_directions
 
 
@@ -50,6 +52,22 @@ def constrained_layers(layers: str | list[int], directions: DirectionSet) -> lis
         raise ValueError(f"layer(s) {undefined} have no refusal direction (zero mean difference); "
                          f"layers with one: {directions.defined_layers}")
     return layers
+
+
+def band_widths(reference: ReferenceCache, layers: list[int], fraction: float) -> torch.Tensor:
+    """Per-layer half-widths of ``norm="band"``: ``fraction`` times the standard deviation of z0
+    over every response token of the cache at that layer ([len(layers)] fp32, CPU). Computed from
+    the whole cache (all shards, a fixed order), so every process gets the same bits whatever the
+    world size. A layer whose z0 does not vary is an error: its band would have width 0."""
+    if list(reference.layers) != list(layers):
+        raise ValueError(f"reference cache {reference.path} covers layers {reference.layers}, not the constrained "
+                         f"layers {layers}")
+    std = reference.layer_std()
+    flat = [layer for layer, s in zip(layers, std) if not (s > 0 and math.isfinite(s))]
+    if flat:
+        raise ValueError(f"reference cache {reference.path}: z0 has no spread (std 0 or not finite) at layer(s) "
+                         f"{flat}, so norm = 'band' has no width there; constrain other layers or use another norm")
+    return torch.from_numpy(fraction * std).float()
 
 
 def directions_for(loaded: LoadedModel, p: ProConConfig, path: Path | None, *, progress: bool = False,

@@ -1,5 +1,6 @@
 """What a run needs before its first step: the model, the tokenized data, the refusal directions
-and the reference projections z0, each loaded and checked, or made when absent.
+and the reference projections z0, each loaded and checked, or made when absent (and, for
+``norm = "band"``, the band's per-layer widths from z0's spread).
 
 The model is the training model itself (LoRA, activation checkpointing and FSDP2 applied when
 it was built, see :func:`wrap_for_training`), run as the initial model (:func:`initial_model`:
@@ -22,7 +23,7 @@ from fastprocon.distributed.process import DistContext
 from fastprocon.models.layers import attention_projections, decoder_layers
 from fastprocon.models.load import LoadedModel
 from fastprocon.procon.reference import ReferenceCache
-from fastprocon.procon.setup import constrained_layers, directions_for, initial_model
+from fastprocon.procon.setup import band_widths, constrained_layers, directions_for, initial_model
 from fastprocon.refusal.directions import DirectionSet, directions_hash
 from fastprocon.train.config import Config
 
@@ -43,6 +44,7 @@ class ProConInputs:
     layers: list[int]                     # constrained layers, ascending (rows of z0)
     reference: ReferenceCache | None      # None when z0 comes from the model with adapters off
     reference_path: Path | None
+    widths: torch.Tensor | None = None    # norm = "band": per-layer half-widths [len(layers)] fp32 (CPU)
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -96,7 +98,12 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
     reference = ReferenceCache.load(reference_path, model_fingerprint=loaded.fingerprint,
                                     directions_hash=directions_hash(directions), dataset_hash=data.hash,
                                     max_length=cfg.data.max_length, layers=layers)
-    return ProConInputs(directions, directions_path, layers, reference, reference_path)
+    widths = None
+    if p.norm == "band":   # from the whole cache: the same widths on every process, whatever the world size
+        widths = band_widths(reference, layers, p.band_fraction)
+        say(f"band half-widths ({p.band_fraction:g} x the std of z0 per layer): {widths.min():.4g} to "
+            f"{widths.max():.4g}")
+    return ProConInputs(directions, directions_path, layers, reference, reference_path, widths)
 
 
 def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -136,7 +136,9 @@ class Trainer:
         if self.procon is not None:
             rows = self.procon.directions.directions[self.procon.layers].to(ctx.device)
             p = cfg.procon
-            self.hooks = ProConHooks(model, self.procon.layers, rows, norm=p.norm, delta=p.delta, backend=p.backend)
+            widths = self.procon.widths.to(ctx.device) if self.procon.widths is not None else None
+            self.hooks = ProConHooks(model, self.procon.layers, rows, norm=p.norm, delta=p.delta, backend=p.backend,
+                                     widths=widths)
         self.probe = None
         if cfg.train.safety_probe_every:
             self.probe = SafetyProbe(cfg, ctx, loaded, self.data.examples, self.procon, self.run_dir, self.say)

@@ -110,6 +110,30 @@ def test_plain_loop_penalty_is_zero_at_the_initial_weights_then_grows(tiny_direc
     procon.remove()
 
 
+def test_band_widths_from_the_recorded_z0_and_a_ce_only_first_step(tiny_directions):
+    """norm="band": widths set from the z0 cache the pre-pass records; at the initial weights the
+    gradient is exactly CE's (z0 recorded in another batch order), later the penalty acts."""
+    from fastprocon.procon.setup import band_widths
+
+    grads, values = [], []
+    for settings in (dict(alpha=1.0, norm="band", band_fraction=0.05), dict(schedule="off")):
+        loaded = load_model("tiny")
+        model, batches = loaded.model.train(), tiny_batches(loaded.tokenizer)
+        procon = ProCon(model, loaded.tokenizer, directions=str(tiny_directions), **settings)
+        procon.record_reference(batches[::-1])
+        if settings.get("norm") == "band":
+            assert torch.equal(procon.hooks.widths, band_widths(procon.reference, procon.layers, 0.05))
+        procon.begin_step(0, batches)
+        for b in batches:
+            model(**b).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        values.append(procon.log_values()["procon"])
+        procon.remove()
+    assert values == [0.0, None]
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 def test_bad_input_is_a_one_line_error(tiny_directions, tmp_path):
     loaded = load_model("tiny")
     model, tok = loaded.model, loaded.tokenizer

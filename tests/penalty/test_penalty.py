@@ -16,7 +16,7 @@ DELTA = 1.0
 
 def make_inputs(shape, dtype, seed=0, weight="bool", strided=False):
     """Random hidden [*lead, D], direction, weight and z0 placed 0.2-0.6 or 1.4-2.0 away from the
-    exact projection, so neither |.|'s kink at 0 nor Huber's at DELTA sits within rounding error."""
+    exact projection, so no kink (|.|'s at 0, Huber's and the band's at DELTA) sits within rounding error."""
     g = torch.Generator().manual_seed(seed)
     *lead, D = shape
     if strided:  # rows with a stride of 2 D, last dim contiguous

@@ -29,6 +29,13 @@ R = torch.randn(8)
     (dict(backend="cuda"), ValueError, r"unknown backend 'cuda'"),
     (dict(delta=-0.5), ValueError, r"delta must be a finite number >= 0, got -0.5"),
     (dict(norm="huber", delta=0.0), ValueError, r"delta must be > 0 for norm='huber'"),
+    (dict(norm="band", delta=float("inf")), ValueError, r"delta must be a finite number >= 0, got inf"),
+    (dict(norm="band", delta=torch.ones(2)), ValueError, r"delta must be a Python number or a 0-d tensor, got shape"),
+    (dict(norm="band", delta=torch.tensor(0.5, requires_grad=True)), ValueError, r"delta must not require grad"),
+    (dict(norm="band", delta=torch.tensor(-0.5)), ValueError, r"delta must be a finite number >= 0.*tensor\(-0.5\)"),
+    (dict(norm="huber", delta=torch.tensor(0.0)), ValueError, r"delta must be .*> 0 for norm='huber'"),
+    (dict(norm="band", delta=torch.tensor(1, dtype=torch.int64)), TypeError, r"delta must be a floating-point"),
+    (dict(norm="band", delta=torch.tensor(0.5, device="meta")), ValueError, r"delta is on meta but hidden is on cpu"),
     (dict(scale=torch.ones(2)), ValueError, r"scale must be a Python number or a 0-d tensor, got shape \(2,\)"),
     (dict(scale="0.1"), TypeError, r"scale must be a Python number"),
     (dict(hidden="not a tensor"), TypeError, r"hidden must be a torch.Tensor, got str"),
@@ -63,6 +70,9 @@ def test_module_form():
     torch.testing.assert_close(module(H, z0, scale=2.0),
                                procon_penalty(H, R, z0, norm="huber", delta=0.5, scale=2.0))
     assert "D=8" in repr(module)
+    band = ProConPenalty(R, norm="band", delta=torch.tensor(0.25))
+    assert dict(band.named_buffers()).keys() == {"direction", "delta"}   # the width follows .to(device)
+    torch.testing.assert_close(band(H, z0), procon_penalty(H, R, z0, norm="band", delta=0.25))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -71,6 +81,7 @@ def test_module_form():
     (dict(direction=torch.randn(2, 8)), r"direction must be 1-D \[D\], got shape \(2, 8\)"),
     (dict(norm="l3"), r"unknown norm 'l3'"),
     (dict(norm="huber", delta=0.0), r"delta must be > 0 for norm='huber'"),
+    (dict(norm="band", delta=torch.tensor(float("nan"))), r"delta must be a finite number >= 0"),
     (dict(backend="gpu"), r"unknown backend 'gpu'"),
 ])
 def test_module_checks_everything_at_construction(kwargs, match):

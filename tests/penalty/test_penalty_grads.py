@@ -149,3 +149,46 @@ def test_compiled_learnable_arguments():
     traced = torch.autograd.grad(compiled(*args), args)
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_band_gradient_is_exactly_zero_at_the_anchor(backend, dtype):
+    """z0 = z plus rounding-sized noise (the anchor at the initial weights): inside the band the
+    penalty and its gradient are exactly 0 in both forms (the injection adds nothing to the
+    upstream gradient); l1's gradient there is sign(noise) r, of full size."""
+    hidden, direction, _, weight = make_inputs((5, 7, 33), dtype, seed=6)
+    z = hidden.double() @ (direction.double() / direction.double().norm())
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e-4
+    z0 = (z + noise).float()
+    upstream = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for norm, delta in (("band", 1e-2), ("band", torch.tensor(1e-2)), ("l1", 1e-2)):
+        h = hidden.clone().requires_grad_()
+        loss = procon_penalty(h, direction, z0, weight, norm=norm, delta=delta, scale=0.7, backend=backend)
+        (grad,) = torch.autograd.grad(loss, h)
+        h = hidden.clone().requires_grad_()
+        out, value = anchor_projection(h, direction, z0, weight, norm=norm, delta=delta, scale=0.7, backend=backend)
+        (injected,) = torch.autograd.grad(out, h, upstream)
+        if norm == "band":
+            assert loss.item() == 0.0 and value.item() == 0.0
+            assert torch.equal(grad, torch.zeros_like(grad)), "band: non-zero gradient at the anchor"
+            assert torch.equal(injected, upstream), "band: the injection changed the upstream gradient"
+        else:
+            assert grad.abs().amax() > 0.1 and not torch.equal(injected, upstream)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("norm", ["huber", "band"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_delta_equals_float_delta(backend, norm, dtype):
+    """A 0-d tensor delta (the hooks' per-layer width, no host sync) gives the float's values and
+    gradients in every argument, in both forms."""
+    results = []
+    for delta in (0.75, torch.tensor(0.75)):
+        args = [a.detach().to(dtype).requires_grad_() for a in learnable((4, 5, 9), seed=8)]
+        loss = procon_penalty(*args[:4], norm=norm, delta=delta, scale=args[4], backend=backend)
+        out, value = anchor_projection(*args[:4], norm=norm, delta=delta, scale=args[4], backend=backend)
+        (loss + out.sin().sum()).backward()
+        results.append([loss, value] + [a.grad for a in args])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

@@ -41,10 +41,10 @@ def grads(model):
             for n, p in model.named_parameters() if p.grad is not None}
 
 
-def run_with_hooks(model, batch, scale=0.7):
+def run_with_hooks(model, batch, scale=0.7, norm="l1", widths=None):
     """(grads, logged penalty, number of anchor_projection calls) of one forward/backward."""
     input_ids, attention_mask, weight, directions, z0 = batch
-    hooks = ProConHooks(model, LAYERS, directions)
+    hooks = ProConHooks(model, LAYERS, directions, norm=norm, widths=widths)
     with hooks.installed():
         hooks.arm(weight, z0, torch.tensor(scale))
         loss_of(model, input_ids, attention_mask).backward()
@@ -52,14 +52,15 @@ def run_with_hooks(model, batch, scale=0.7):
     return grads(model), hooks.take_penalty()
 
 
-def explicit_reference(batch, scale=0.7):
+def explicit_reference(batch, scale=0.7, norm="l1", widths=None):
     """The same loss with the penalty added explicitly on output_hidden_states (plain autograd)."""
     input_ids, attention_mask, weight, directions, z0 = batch
     model = fresh_model()
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
-    penalty = sum(procon_penalty(out.hidden_states[l], directions[row], z0[row], weight, scale=scale,
-                                 backend="reference") for row, l in enumerate(LAYERS))
+    penalty = sum(procon_penalty(out.hidden_states[l], directions[row], z0[row], weight, scale=scale, norm=norm,
+                                 delta=1.0 if widths is None else float(widths[row]), backend="reference")
+                  for row, l in enumerate(LAYERS))
     (ce + penalty).backward()
     return grads(model), penalty.detach()
 
@@ -70,11 +71,16 @@ def assert_grads_close(a, b):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_injected_gradient_equals_explicit_penalty(batch):
-    got, penalty = run_with_hooks(fresh_model(), batch)
-    want, want_penalty = explicit_reference(batch)
+# band: each layer its own half-width (a value per row of the directions)
+@pytest.mark.parametrize("norm,widths", [("l1", None), ("band", torch.tensor([0.75, 0.25]))], ids=["l1", "band"])
+def test_injected_gradient_equals_explicit_penalty(batch, norm, widths):
+    got, penalty = run_with_hooks(fresh_model(), batch, norm=norm, widths=widths)
+    want, want_penalty = explicit_reference(batch, norm=norm, widths=widths)
     torch.testing.assert_close(penalty, want_penalty, rtol=1e-5, atol=1e-6)
     assert penalty > 0
+    if widths is not None:   # the rows' widths are not interchangeable: each layer gets its own
+        _, swapped = explicit_reference(batch, norm=norm, widths=widths.flip(0))
+        assert not torch.allclose(swapped, want_penalty, rtol=1e-3)
     assert_grads_close(got, want)
     # the penalty changes the gradient: without it the grads differ
     plain = fresh_model()
@@ -163,6 +169,12 @@ def test_bad_arguments(batch):
         ProConHooks(model, [1, 4], directions)
     with pytest.raises(ValueError, match="distinct indices"):
         ProConHooks(model, [1, 1], directions)
+    with pytest.raises(ValueError, match=r"widths must be a float \[2\] tensor"):
+        ProConHooks(model, LAYERS, directions, norm="band", widths=torch.ones(3))
+    with pytest.raises(ValueError, match="widths must be finite and >= 0"):
+        ProConHooks(model, LAYERS, directions, norm="band", widths=torch.tensor([0.5, -1.0]))
+    with pytest.raises(RuntimeError, match="norm='band' needs the per-layer band widths"):
+        ProConHooks(model, LAYERS, directions, norm="band").arm(weight, z0, 1.0)
     hooks = ProConHooks(model, LAYERS, directions)
     with pytest.raises(ValueError, match=r"z0 must be \[2, B, T\]"):
         hooks.arm(weight, z0[:, :, :5], 1.0)

@@ -12,7 +12,8 @@ from fastprocon.data.examples import builtin_path, load_examples, load_instructi
 from fastprocon.data.tokenize import collate, dataset_hash, tokenize_examples
 from fastprocon.models.load import load_model
 from fastprocon.procon.reference import ReferenceCache, compute_projections, iter_projections, parse_layers
-from fastprocon.procon.reference_files import shard_path, write_index, write_shard
+from fastprocon.procon.reference_files import STORAGE_DTYPES, Z0Files, shard_path, write_index, write_shard
+from fastprocon.procon.setup import band_widths
 from fastprocon.refusal.directions import directions_hash, extract_directions, save_directions
 from fastprocon.refusal.steering import on_layer_inputs
 from fastprocon.utils.io import save_safetensors
@@ -198,6 +199,43 @@ def test_per_rank_shards_and_index_equal_the_single_process_cache(setup, cache_f
     batch = collate(tokenized, loaded.tokenizer.pad_token_id)
     torch.testing.assert_close(sharded.gather(batch["ids"], batch["labels"]),
                                single.gather(batch["ids"], batch["labels"]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_layer_std_is_the_same_for_any_number_of_shards(setup, cache_file, tmp_path, storage):
+    """The band's widths come from layer_std: the std of z0 over all tokens, per layer, the same
+    bits whether 1 or 3 processes built the cache (and float64-accurate)."""
+    loaded, ds, tokenized = setup
+    header = {**_load(cache_file, loaded, ds, tokenized).header, "storage_dtype": storage}
+    g = torch.Generator().manual_seed(5)
+    ids = [f"sample-{i}" for i in range(23)]
+    pieces = [torch.randn(3, int(n), generator=g) * torch.tensor([[0.1], [3.0], [40.0]]) + 7.0
+              for n in torch.randint(0, 9, (len(ids),), generator=g)]
+    stds = []
+    for world in (1, 3):
+        path = tmp_path / f"w{world}.safetensors"
+        for rank in range(world):
+            mine = list(range(rank, len(ids), world))[::-1]    # each rank's own order
+            write_shard(path, [([ids[i] for i in mine], [pieces[i] for i in mine])],
+                        {**header, "build_id": f"w{world}"}, rank, world)
+        write_index(path, world)
+        stds.append(ReferenceCache(Z0Files(path)).layer_std())
+    np.testing.assert_array_equal(stds[0], stds[1])
+    stored = torch.cat(pieces, dim=1).to(STORAGE_DTYPES[storage]).double()
+    np.testing.assert_allclose(stds[0], stored.std(dim=1, correction=0).numpy(), rtol=1e-12)
+
+
+def test_band_widths(setup, cache_file):
+    loaded, ds, tokenized = setup
+    cache = _load(cache_file, loaded, ds, tokenized)
+    widths = band_widths(cache, [1, 2, 3], 0.05)
+    assert widths.dtype == torch.float32 and torch.equal(widths, torch.from_numpy(0.05 * cache.layer_std()).float())
+    assert (widths > 0).all()
+    with pytest.raises(ValueError, match=r"covers layers \[1, 2, 3\], not the constrained layers \[1, 2\]"):
+        band_widths(cache, [1, 2], 0.05)
+    cache.layer_std = lambda: np.array([0.1, 0.0, np.nan])
+    with pytest.raises(ValueError, match=r"no spread \(std 0 or not finite\) at layer\(s\) \[2, 3\]"):
+        band_widths(cache, [1, 2, 3], 0.05)
 
 
 def test_ranks_with_fewer_samples_run_as_many_forwards(setup):

@@ -105,6 +105,8 @@ BAD_OVERRIDES = [
     ("name=..", ValueError, "train.name"),
     ("beta2=1.0", ValueError, "optim.beta2"),
     ("safety_samples=-1", ValueError, "data.safety_samples"),
+    ("band_fraction=0", ValueError, "procon.band_fraction = 0.0: must be a finite number > 0"),
+    ("band_fraction=inf", ValueError, "procon.band_fraction = inf"),
 ]
 
 
@@ -117,6 +119,14 @@ def test_bad_override(item, error, match):
 def test_overrides_must_be_a_list():
     with pytest.raises(TypeError, match=r"overrides must be a list of 'key=value' strings, got the string 'alpha=0.5'"):
         load_config("tiny", "alpha=0.5")
+
+
+def test_band_needs_the_reference_cache():
+    cfg = load_config("tiny", ["norm=band", "band_fraction=0.02"])
+    assert (cfg.procon.norm, cfg.procon.band_fraction) == ("band", 0.02)
+    load_config("tiny", ["model.lora=true", "reference=adapters_off", "norm=l1"])
+    with pytest.raises(ValueError, match="procon.norm = 'band' needs procon.reference = 'cache', got 'adapters_off'"):
+        load_config("tiny", ["model.lora=true", "reference=adapters_off", "norm=band"])
 
 
 def test_warmup_needs_one_length():
