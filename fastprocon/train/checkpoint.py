@@ -289,7 +289,8 @@ def check_resumable(path: Path, state: dict, model: dict, data: dict) -> None:
 
 def check_same_inputs(path: Path, state: dict, inputs: dict | None) -> None:
     """ValueError unless the ProCon inputs recorded in checkpoint ``path``'s trainer ``state``
-    (directions and reference cache: path and hash, see ``Trainer._procon_inputs``) are the ones
+    (directions and reference cache: path and hash, and the sha256 of every file of the cache, see
+    ``Trainer._procon_inputs``) are the ones
     this run has now; a checkpoint without that record, or a run without ProCon, is not compared."""
     recorded = state.get("procon_inputs")
     if not recorded or not inputs:
@@ -302,6 +303,13 @@ def check_same_inputs(path: Path, state: dict, inputs: dict | None) -> None:
             raise ValueError(f"cannot resume from {path}: the {what} {file} changed since the run started "
                              f"({key} {str(recorded.get(key))[:12]}... then, {str(inputs.get(key))[:12]}... now; "
                              f"replaced by a tool such as `fastprocon directions --out`?); {fix}")
+    before, now = recorded.get("reference_files"), inputs.get("reference_files")
+    if before and now is not None:   # a checkpoint from before per-file hashes has only the index's
+        for name in sorted(set(before) | set(now)):
+            if before.get(name) != now.get(name):
+                raise ValueError(f"cannot resume from {path}: the reference cache {inputs.get('reference')} changed "
+                                 f"since the run started ({name}: sha256 {str(before.get(name))[:12]}... then, "
+                                 f"{str(now.get(name))[:12]}... now); {fix}")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -52,7 +52,7 @@ from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
 from fastprocon.train.schedule import WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
 from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, to_device
-from fastprocon.utils.checksums import tree_sha256
+from fastprocon.utils.checksums import file_sha256, tree_sha256
 from fastprocon.utils.io import atomic_path, write_json
 
 _NO_BAD_STEP = 2**62
@@ -297,7 +297,10 @@ class Trainer:
         p = self.procon
         return {"directions": str(p.directions_path), "directions_hash": directions_hash(p.directions),
                 "reference": str(p.reference_path) if p.reference_path else None,
-                "reference_sha256": tree_sha256(p.reference_path) if p.reference_path else None}
+                "reference_sha256": tree_sha256(p.reference_path) if p.reference_path else None,
+                # every file of the cache (index and shards), by name: a rewritten shard is named on resume
+                "reference_files": {f.name: file_sha256(f) for f in p.reference.files.file_paths()}
+                if p.reference is not None else None}
 
     def _trainer_state(self, step: int) -> dict:
         model, data = self._identity()
