@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from fastprocon.distributed.collectives import barrier, first_error, on_main
 from fastprocon.distributed.process import DistContext
+from fastprocon.train.resume_changes import check_changes, config_changes, recorded_config
 from fastprocon.utils.checksums import verify_manifest, write_manifest
 from fastprocon.utils.io import atomic_path
 
@@ -144,11 +145,13 @@ class CheckpointManager:
                                     f"(no {STATE_FILE}); {_way_out(self.root, target)}")
         return target
 
-    def plan_resume(self, choice: str, model: dict, data: dict) -> tuple[Path, dict, str | None] | None:
+    def plan_resume(self, choice: str, model: dict, data: dict,
+                    config: dict | None = None) -> tuple[Path, dict, str | None] | None:
         """(checkpoint, its trainer state, a note or None) to resume from for ``checkpoint.resume =
         choice``, verified against its checksum manifest and checked against this run's ``model``
         and ``data`` identity (see :func:`check_resumable`) before anything is loaded; None = a
-        fresh start. With "auto", a damaged latest checkpoint gives way to the newest intact
+        fresh start; ``config`` (``Config.to_dict()``) is checked against the checkpoint's
+        (see :func:`check_resumable`). With "auto", a damaged latest checkpoint gives way to the newest intact
         earlier one (the note says so); an explicit damaged path is an error. Run on rank 0."""
         if choice == "never":
             self._refuse_existing_run()
@@ -169,7 +172,7 @@ class CheckpointManager:
             note = f"checkpoint {path} is damaged ({problem}); resuming from the newest intact one, {intact}"
             path = intact
         state = read_state(path)
-        check_resumable(path, state, model, data)
+        check_resumable(path, state, model, data, config)
         return path, state, note
 
     def newest_intact(self, before: Path) -> Path | None:
@@ -272,15 +275,19 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def check_resumable(path: Path, state: dict, model: dict, data: dict) -> None:
+def check_resumable(path: Path, state: dict, model: dict, data: dict, config: dict | None = None) -> None:
     """ValueError unless checkpoint ``path`` (trainer ``state``) was trained with this ``model``
-    identity (spec, fingerprint, LoRA; keys an older checkpoint lacks are not compared) and the
+    identity (spec, fingerprint, LoRA; keys an older checkpoint lacks are not compared), with a
+    config (``Config.to_dict()``) that differs only where train/resume_changes.py allows, and the
     same batch plan (``data``: dataset hash, batch size, seed)."""
     fix = "use checkpoint.resume = 'never' and another run_dir"
     for key, label in _MODEL_KEYS.items():
         if key in state and state[key] != model[key]:
             raise ValueError(f"cannot resume from {path}: it was trained with {label} {state[key]!r}, this config "
                              f"gives {model[key]!r}; {fix}")
+    recorded = recorded_config(path, state) if config is not None else None
+    if recorded is not None:
+        check_changes(path, config_changes(recorded, config), config["checkpoint"]["resume_changes"])
     for key in _DATA_KEYS:
         if state["data"].get(key) != data[key]:
             raise ValueError(f"cannot resume from {path}: it was trained with {key} = {state['data'].get(key)!r}, "

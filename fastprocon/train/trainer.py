@@ -49,6 +49,7 @@ from fastprocon.train.metrics import (
 from fastprocon.train.packing import forward_kwargs, pack_like, use_packing
 from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
+from fastprocon.train.resume_changes import HARMLESS, config_changes, recorded_config, version_file
 from fastprocon.train.schedule import WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
 from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, to_device
@@ -305,7 +306,7 @@ class Trainer:
     def _trainer_state(self, step: int) -> dict:
         model, data = self._identity()
         return {"scheduler": self.scheduler.state_dict(), "data": {**self.batches.position(step), **data},
-                "procon_inputs": self._inputs, **model}
+                "procon_inputs": self._inputs, "config": self.cfg.to_dict(), **model}
 
     def _plan_resume(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume from and its trainer state, checked against this config on
@@ -316,7 +317,8 @@ class Trainer:
         staging = D.on_main(lambda: clean_export_staging(self.run_dir / "model"))
         if staging:
             self.say(f"removed {', '.join(staging)}: staging left by an interrupted export")
-        plan = D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity()))
+        plan = D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity(),
+                                                       config=self.cfg.to_dict()))
         if plan is None:
             return None
         path, state, note = plan
@@ -325,6 +327,7 @@ class Trainer:
         return path, state
 
     def _resume(self) -> int:
+        self._config_changes = {}
         if self._resume_from is None:
             D.on_main(lambda: self.metrics.truncate_after(-1))   # a fresh start: no line survives (probe step 0 too)
             return 0
@@ -339,6 +342,13 @@ class Trainer:
         note = D.on_main(lambda: self.metrics.truncate_after(state["step"]))
         if note:
             self.say(f"warning: {note}")
+        recorded = recorded_config(path, state)
+        self._config_changes = config_changes(recorded, self.cfg.to_dict()) if recorded is not None else {}
+        if self._config_changes:   # each allowed (checked by plan_resume); fit keeps the new config version
+            self.say(f"config changed since {path.name}: " + ", ".join(
+                f"{key} {old!r} -> {new!r}" for key, (old, new) in self._config_changes.items()))
+        if any(key not in HARMLESS for key in self._config_changes):   # a change of meaning, allowed: on record
+            self.metrics.write({"step": state["step"], "config_changes": self._config_changes})
         self.say(f"resumed from {path} at step {state['step']} (saved by {state['world_size']} process(es))")
         return state["step"]
 
@@ -346,8 +356,12 @@ class Trainer:
         cfg, t_start = self.cfg, time.perf_counter()
         start = self._resume()
         if self.ctx.is_main:   # only now: a run refused by the checks above leaves the record as it was
-            with atomic_path(self.run_dir / "config.toml") as tmp:
-                Path(tmp).write_text(to_toml(cfg))
+            # config.toml is the run's first config, never replaced; a resume with another config keeps that too
+            first = self.run_dir / "config.toml"
+            target = version_file(self.run_dir, start) if start and first.is_file() and self._config_changes else first
+            if start == 0 or not first.is_file() or target != first:
+                with atomic_path(target) as tmp:
+                    Path(tmp).write_text(to_toml(cfg))
         written, done, stopped_by, stopped, self._postfix = [], start, None, None, {}
         every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
         hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()
