@@ -152,10 +152,11 @@ class ProCon:
             path = Path(self._tmp.name) / "reference.safetensors"
         if not path.exists():
             header = {"model": self.loaded.name, **identity, "dataset_hash": "content-keyed", "max_length": 0,
-                      "keys": "sha1(input_ids, response mask)"}
+                      "keys": "sha1(input_ids, response mask)", "storage_dtype": self.cfg.reference_dtype}
             with self._initial_model(), torch.random.fork_rng(devices=[]):   # leave the data order as it was
                 record_reference(self.model, self.hooks, batches, path, header)
-        self.reference = ReferenceCache.load(path, dataset_hash=None, max_length=None, **identity)
+        self.reference = ReferenceCache.load(path, dataset_hash=None, max_length=None,
+                                             storage_dtype=self.cfg.reference_dtype, **identity)
 
     def remove(self) -> None:
         """Take every hook off the model."""

@@ -87,9 +87,10 @@ class ReferenceCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model_fingerprint: str | None, directions_hash: str | None,
-             dataset_hash: str | None, max_length: int | None, layers: list[int] | None) -> "ReferenceCache":
+             dataset_hash: str | None, max_length: int | None, layers: list[int] | None,
+             storage_dtype: str | None = None) -> "ReferenceCache":
         """Open a cache (memory maps) and check it was built for exactly this setup (None skips a
-        field's check).
+        field's check); ``storage_dtype`` ("fp32" / "bf16"): the dtype the caller asks z0 in.
 
         Raises FileNotFoundError for a missing index or shard file and ValueError for a corrupt
         file or any mismatch (naming the field, the expected and the found value).
@@ -107,6 +108,11 @@ class ReferenceCache:
             if want is not None and header.get(name) != want:
                 raise ValueError(f"reference cache {path} does not match: {name} expected {want!r}, found "
                                  f"{header.get(name)!r}; rebuild it with `fastprocon reference`")
+        stored = header.get("storage_dtype")
+        if storage_dtype is not None and stored != storage_dtype:   # bf16 z0 keeps 8 bits: another penalty
+            raise ValueError(f"reference cache {path} stores z0 in {stored}, this run asks for {storage_dtype} "
+                             f"(procon.reference_dtype); rebuild it with `fastprocon reference --storage-dtype "
+                             f"{storage_dtype}`, or set procon.reference_dtype = '{stored}' to use it as it is")
         return cls(files)
 
     @classmethod
@@ -132,7 +138,8 @@ class ReferenceCache:
             raise ValueError(f"sample {data.id(i)!r}: {data.lengths[i]} tokens; needs <= max_length={max_length}")
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         header = {"model": loaded.name, "model_fingerprint": loaded.fingerprint,
-                  "fingerprint_version": FINGERPRINT_VERSION, "directions_hash": directions_hash(directions), "dataset_hash": data.hash,
+                  "fingerprint_version": FINGERPRINT_VERSION, "directions_hash": directions_hash(directions),
+                  "dataset_hash": data.hash,
                   "max_length": int(max_length), "layers": layers, "storage_dtype": storage_dtype,
                   "build_id": on_main(lambda: uuid.uuid4().hex),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

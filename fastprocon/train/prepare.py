@@ -95,7 +95,7 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
         say(f"using reference projections {reference_path}")
     reference = ReferenceCache.load(reference_path, model_fingerprint=loaded.fingerprint,
                                     directions_hash=directions_hash(directions), dataset_hash=data.hash,
-                                    max_length=cfg.data.max_length, layers=layers)
+                                    max_length=cfg.data.max_length, layers=layers, storage_dtype=p.reference_dtype)
     return ProConInputs(directions, directions_path, layers, reference, reference_path)
 
 
