@@ -42,6 +42,7 @@ from fastprocon.data.examples import (
     IGNORE_INDEX,
     Example,
     TokenizedExample,
+    chat_markup,
     check_overlong,
     hash_sorted_examples,
     load_examples_report,
@@ -56,7 +57,7 @@ from fastprocon.utils.mapped import ChunkWriter, MappedFile, read_rows
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "fastprocon.tokens"
-LAYOUT_VERSION = 1          # bump when tokenization or the layout changes: old files are then never found
+LAYOUT_VERSION = 2          # bump when tokenization or the layout changes: old files are then never found
 CHUNK = 4096                # examples tokenized per call
 _ARRAYS = ("tokens", "offsets", "prompt_lengths", "id_bytes", "id_offsets")
 _HASH_BLOCK = 1 << 20       # data files are hashed 1 MiB at a time: a 16 MiB block was most of a streamed build's peak
@@ -229,14 +230,15 @@ def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: 
     def make_examples() -> tuple[Sequence[Example], dict]:
         # a .jsonl file is streamed (a RowScan keeps 32 bytes a row, the mix order 8 more; build_cache reads CHUNK
         # rows at a time); a .json list is parsed whole, as before. The small safety set is held in memory.
+        markup = chat_markup(tokenizer)     # rows holding special tokens are bad rows (named by file and line)
         if sources[0].suffix == ".jsonl":
-            primary = scan_jsonl(sources[0], skip_bad_rows=skip_bad_rows)
+            primary = scan_jsonl(sources[0], skip_bad_rows=skip_bad_rows, markup=markup)
         else:
-            primary = _InMemory(load_examples_report(sources[0], skip_bad_rows=skip_bad_rows))
+            primary = _InMemory(load_examples_report(sources[0], skip_bad_rows=skip_bad_rows, markup=markup))
         n_rows, n_skipped, first_skipped = primary.n_rows, primary.n_skipped, primary.first_skipped
         examples = _Streamed(primary)
         if safety_samples > 0:
-            extra = load_examples_report(sources[1], skip_bad_rows=skip_bad_rows)
+            extra = load_examples_report(sources[1], skip_bad_rows=skip_bad_rows, markup=markup)
             if safety_samples > len(extra.examples):
                 raise ValueError(f"safety_samples = {safety_samples} but {sources[1].stem} has only "
                                  f"{len(extra.examples)} examples ({sources[1]})")
