@@ -57,9 +57,10 @@ from fastprocon.utils.mapped import ChunkWriter, MappedFile, read_rows
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "fastprocon.tokens"
-LAYOUT_VERSION = 2          # bump when tokenization or the layout changes: old files are then never found
+LAYOUT_VERSION = 3          # bump when tokenization or the layout changes: old files are then never found
 CHUNK = 4096                # examples tokenized per call
 _ARRAYS = ("tokens", "offsets", "prompt_lengths", "id_bytes", "id_offsets")
+_CHECK_BLOCK = 1 << 22      # bytes per read when an array is hashed (open_cache's check)
 _HASH_BLOCK = 1 << 20       # data files are hashed 1 MiB at a time: a 16 MiB block was most of a streamed build's peak
 
 
@@ -330,14 +331,25 @@ def build_cache(path: Path, key: str, parts: dict, make_examples: Callable[[], t
         data = TokenizedDataset(*(out.mapped(name) for name in _ARRAYS))
         header = {"key": key, "key_parts": parts, "n_samples": len(data), "n_tokens": n_tokens,
                   "dataset_hash": data.hash, "info": {**info, "n_truncated": n_truncated},
+                  "array_sha256": {name: array_sha256(out.mapped(name)) for name in _ARRAYS},
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         del data
         return out.finish(CACHE_FORMAT, header)
 
 
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of an array's bytes, read a block at a time from its file (see ``read_rows``)."""
+    digest = hashlib.sha256()
+    rows = max(1, _CHECK_BLOCK // max(array.itemsize, 1))
+    for start in range(0, len(array), rows):
+        digest.update(read_rows(array, start, min(start + rows, len(array))).data)
+    return digest.hexdigest()
+
+
 def open_cache(path: Path, key: str | None = None) -> TokenizedDataset:
-    """Map a cache file; ValueError naming it if it is unreadable, inconsistent or (``key``
-    given) made for another key."""
+    """Map a cache file; ValueError naming it if it is unreadable, inconsistent, changed since it
+    was written (each array's sha256, from the header, is checked: one read of the file) or
+    (``key`` given) made for another key."""
     hint = "delete it and it is rebuilt on the next start"
     try:
         f = MappedFile(path, CACHE_FORMAT)
@@ -358,8 +370,14 @@ def open_cache(path: Path, key: str | None = None) -> TokenizedDataset:
             problems.append("offsets do not span the tokens / ids")
         elif np.any(np.diff(offsets) <= prompt_lengths) or np.any(np.diff(_in_memory(id_offsets)) <= 0):
             problems.append("a sample with no response token or no id")
-        elif not isinstance(h.get("dataset_hash"), str) or not isinstance(h.get("info"), dict):
-            problems.append("header without dataset_hash / info")
+        elif not isinstance(h.get("dataset_hash"), str) or not isinstance(h.get("info"), dict) \
+                or not isinstance(h.get("array_sha256"), dict):
+            problems.append("header without dataset_hash / info / array_sha256")
+        else:   # values changed in place (the structure intact) are found only by their checksums
+            changed = [name for name, array in zip(_ARRAYS, arrays)
+                       if array_sha256(array) != h["array_sha256"].get(name)]
+            if changed:
+                problems.append(f"{changed[0]} fails its sha256 checksum")
     if problems:
         raise ValueError(f"{path}: corrupt data cache ({problems[0]}); {hint}")
     return TokenizedDataset(tokens, offsets, prompt_lengths, id_bytes, id_offsets, info=h["info"],
