@@ -297,14 +297,21 @@ def check_resumable(path: Path, state: dict, model: dict, data: dict, config: di
 def check_same_inputs(path: Path, state: dict, inputs: dict | None) -> None:
     """ValueError unless the ProCon inputs recorded in checkpoint ``path``'s trainer ``state``
     (directions and reference cache: path and hash, and the sha256 of every file of the cache, see
-    ``Trainer._procon_inputs``) are the ones
-    this run has now; a checkpoint without that record, or a run without ProCon, is not compared."""
+    ``Trainer._procon_inputs``) are the ones this run has now (a file at another path, e.g. another
+    run's checkpoint, is named as such); a checkpoint without that record, or a run without ProCon,
+    is not compared."""
     recorded = state.get("procon_inputs")
     if not recorded or not inputs:
         return
     fix = ("put the original file back, or start a new run (another run_dir, or checkpoint.resume = 'never' "
            "in a fresh one)")
-    for what, key in (("directions", "directions_hash"), ("reference cache", "reference_sha256")):
+    for what, key, setting in (("directions", "directions_hash", "procon.directions"),
+                               ("reference cache", "reference_sha256", "procon.reference_cache")):
+        then, now = recorded.get(what.split()[0]), inputs.get(what.split()[0])
+        if recorded.get(key) != inputs.get(key) and then and now and Path(then) != Path(now):
+            raise ValueError(f"cannot resume from {path}: it was trained with the {what} {then}, this run has "
+                             f"{now} (another run's checkpoint?); to go on from it set {setting} = '{then}', or "
+                             "start this run from scratch (checkpoint.resume = 'auto' or 'never')")
         if recorded.get(key) != inputs.get(key):
             file = inputs.get(what.split()[0]) or recorded.get(what.split()[0])
             raise ValueError(f"cannot resume from {path}: the {what} {file} changed since the run started "

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import fastprocon.distributed as D
 from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.data.prompts import context_length
 from fastprocon.models.layers import hidden_size, num_layers, unwrap_model
 from fastprocon.models.load import load_model
 from fastprocon.penalty.functional import resolve_backend
@@ -97,6 +98,10 @@ class Trainer:
         loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
                             wrap=lambda model: wrap_for_training(cfg, model, ctx.device))
         self.model_name, self.model_fingerprint = loaded.name, loaded.fingerprint
+        context = context_length(unwrap_model(loaded.model))
+        if context is not None and cfg.data.max_length > context:   # positions past it were never trained
+            raise ValueError(f"config data.max_length = {cfg.data.max_length} is more than the context of model "
+                             f"{loaded.name} ({context} tokens); lower it to at most {context}")
         self.data = load_training_data(cfg, loaded.tokenizer)
         self.say(f"model {loaded.name}: {num_layers(loaded.model)} layers, hidden {hidden_size(loaded.model)}; "
                  f"data: {len(self.data.examples)} examples ({self.data.n_primary} from {cfg.data.train}"
@@ -118,6 +123,12 @@ class Trainer:
         self._resume_from = self._plan_resume()   # before directions are made or anything is loaded
         spe = self.batches.steps_per_epoch
         self.max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * spe))
+        if self._resume_from is not None and self._resume_from[1]["step"] > self.max_steps:
+            path, at = self._resume_from[0], self._resume_from[1]["step"]
+            given = f"train.max_steps = {cfg.train.max_steps}" if cfg.train.max_steps else \
+                f"train.epochs = {cfg.train.epochs} ({self.max_steps} steps)"
+            raise ValueError(f"{given}, but the run in {self.run_dir} is already at step {at} ({path}); raise it to "
+                             "go on, or set checkpoint.resume to an earlier checkpoint")
         self.alpha = AlphaSchedule(cfg.procon, spe)
         procon_used = any(self.alpha(s) > 0 for s in range(self.max_steps))
         self.procon = prepare_procon(cfg, loaded, self.data, self.run_dir, ctx, self.say) if procon_used else None
