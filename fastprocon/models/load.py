@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -52,6 +53,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     directory, name = model_dir(spec)
     device = torch.device(device)
     attn = attn_implementation or default_attn_implementation(device)
+    local = Path(directory)
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model directory {local} has no tokenizer files (none of "
+                                f"{', '.join(TOKENIZER_FILES)}); copy them in from where the model came from")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001  (transformers raises many types for a bad directory)
@@ -60,6 +65,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     model = build_model(directory, dtype=dtype, device=device, attn_implementation=attn, wrap=wrap, seed=seed)
     _prepare_tokenizer(tokenizer)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))
+
+
+# what AutoTokenizer reads from a directory (one is enough: tokenizer_config.json names the rest)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def default_attn_implementation(device: torch.device) -> str:
