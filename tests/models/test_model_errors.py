@@ -24,3 +24,17 @@ def test_a_model_class_without_known_decoder_layers_is_bad_input():
     with pytest.raises(ValueError, match=r"cannot find the decoder layers of MptForCausalLM: expected a ModuleList "
                                          r"at model.layers"):
         decoder_layers(model)
+
+
+def test_nan_weights_are_named_by_file_and_tensor_where_they_are_read(tmp_path):
+    from safetensors.torch import load_file, save_file
+    loaded = load_model("tiny")
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    file = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(file)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{file}: tensor '{name}' has non-finite values \(NaN or inf\)"):
+        load_model(str(tmp_path / "m"))
