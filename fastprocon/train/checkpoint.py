@@ -22,7 +22,9 @@ checkpoint. ``<run dir>/.lock`` (:class:`RunLock`) keeps a second run out.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import io
 import json
 import os
 import random
@@ -45,7 +47,7 @@ from fastprocon.distributed.collectives import barrier, first_error, on_main
 from fastprocon.distributed.process import DistContext
 from fastprocon.train.resume_changes import check_changes, config_changes, recorded_config
 from fastprocon.utils.checksums import verify_manifest, write_manifest
-from fastprocon.utils.io import atomic_path
+from fastprocon.utils.io import atomic_path, naming
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -205,12 +207,19 @@ class CheckpointManager:
         except CheckpointException as err:   # a read-only or full disk: raise the OSError that names the file
             cause = _first_failure(err)
             if isinstance(cause, OSError):
-                raise cause from None
+                with naming(tmp):            # a failed write names no file: the checkpoint then
+                    raise cause from None
+            if isinstance(cause, RuntimeError) and "unexpected pos" in str(cause):   # torch's zip writer, short
+                raise OSError(errno.EIO, "a write came up short (a full disk?)", str(tmp)) from None
             raise
-        torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
+        rng_file, buffer = tmp / f"rng_rank{self.ctx.rank}.pt", io.BytesIO()
+        torch.save(rng_state(), buffer)      # written by us: a full disk is an OSError, not torch's RuntimeError
+        with naming(rng_file):
+            rng_file.write_bytes(buffer.getvalue())
         if self.ctx.is_main:
             state = {**trainer_state, "step": step, "world_size": self.ctx.world_size}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            with naming(tmp / STATE_FILE):
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         barrier()   # every shard is on disk before the manifest and the rename
         on_main(lambda: (write_manifest(tmp), self._publish(tmp, final)))   # every rank returns after `latest` moved
         return final
@@ -294,21 +303,23 @@ def check_resumable(path: Path, state: dict, model: dict, data: dict, config: di
                              f"this config gives {data[key]!r} (the data order would differ); {fix}")
 
 
-def check_same_inputs(path: Path, state: dict, inputs: dict | None) -> None:
+def check_same_inputs(path: Path, state: dict, inputs: dict | None, run_dir: Path | None = None) -> None:
     """ValueError unless the ProCon inputs recorded in checkpoint ``path``'s trainer ``state``
     (directions and reference cache: path and hash, and the sha256 of every file of the cache, see
-    ``Trainer._procon_inputs``) are the ones this run has now (a file at another path, e.g. another
-    run's checkpoint, is named as such); a checkpoint without that record, or a run without ProCon,
+    ``Trainer._procon_inputs``) are the ones this run has now (for a checkpoint outside ``run_dir``,
+    another run's, the files it was trained with are named); a checkpoint without that record, or a run without ProCon,
     is not compared."""
     recorded = state.get("procon_inputs")
     if not recorded or not inputs:
         return
     fix = ("put the original file back, or start a new run (another run_dir, or checkpoint.resume = 'never' "
            "in a fresh one)")
+    # a checkpoint of another run directory (resume = its path): its inputs are that run's files
+    another_run = run_dir is not None and Path(path).resolve().parent.parent != Path(run_dir).resolve()
     for what, key, setting in (("directions", "directions_hash", "procon.directions"),
                                ("reference cache", "reference_sha256", "procon.reference_cache")):
         then, now = recorded.get(what.split()[0]), inputs.get(what.split()[0])
-        if recorded.get(key) != inputs.get(key) and then and now and Path(then) != Path(now):
+        if recorded.get(key) != inputs.get(key) and then and now and Path(then) != Path(now) and another_run:
             raise ValueError(f"cannot resume from {path}: it was trained with the {what} {then}, this run has "
                              f"{now} (another run's checkpoint?); to go on from it set {setting} = '{then}', or "
                              "start this run from scratch (checkpoint.resume = 'auto' or 'never')")

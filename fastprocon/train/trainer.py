@@ -134,7 +134,7 @@ class Trainer:
         self.procon = prepare_procon(cfg, loaded, self.data, self.run_dir, ctx, self.say) if procon_used else None
         self._inputs = D.on_main(self._procon_inputs)
         if self._resume_from is not None:   # the directions and z0 the run started with, unchanged
-            D.on_main(lambda: check_same_inputs(*self._resume_from, self._inputs))
+            D.on_main(lambda: check_same_inputs(*self._resume_from, self._inputs, run_dir=self.run_dir))
 
         model = loaded.model.train()
         self.compiled = D.use_compile(cfg.model.compile, ctx.device)     # applied by wrap_for_training
