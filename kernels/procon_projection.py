@@ -89,8 +89,10 @@ def _procon_fwd_kernel(
         outside = absd > delta
         psi = tl.where(outside, absd - delta, 0.0)
         dpsi = tl.where(outside, sign, 0.0)
-    tl.store(partial_ptr + pid, tl.sum(w * psi, axis=0))
-    c = w * dpsi   # 0 on rows past N
+    # a weight-0 row is excluded entirely: a NaN/inf H there must not give 0 * NaN (rows past N too)
+    keep = w != 0
+    tl.store(partial_ptr + pid, tl.sum(tl.where(keep, w * psi, 0.0), axis=0))
+    c = tl.where(keep, w * dpsi, 0.0)
     if NEED_GRAD:
         tl.store(coef_ptr + rows, c, mask=row_mask)
     if NEED_DIR_GRAD:  # c is known only now: read the block's rows again (just read, so cache-hot)
@@ -99,8 +101,8 @@ def _procon_fwd_kernel(
             col_mask = cols < D
             h = tl.load(h_ptr + row_off[:, None] + cols[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            tl.store(hc_ptr + pid.to(tl.int64) * D + cols, tl.sum(h.to(ACC_DTYPE) * c[:, None], axis=0),
-                     mask=col_mask)
+            hc = tl.where(keep[:, None], h.to(ACC_DTYPE) * c[:, None], 0.0)
+            tl.store(hc_ptr + pid.to(tl.int64) * D + cols, tl.sum(hc, axis=0), mask=col_mask)
 
 
 @triton.jit

@@ -11,6 +11,7 @@ option. Set ``FASTPROCON_TRACEBACK=1`` to get the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -18,6 +19,8 @@ import sys
 # What the tools raise for bad input; anything else is a bug and keeps its traceback.
 # (UnicodeDecodeError and data/examples.py's row errors are ValueErrors.)
 USER_ERRORS = (ValueError, FileNotFoundError)
+# OSError numbers of a write that cannot be done (a full, read-only or size-limited file system)
+CANNOT_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 # subcommand -> module that registers it
 COMMANDS = {
@@ -52,4 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastprocon {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:   # a full or read-only disk: the path, not a traceback (exit 1, as train)
+        if os.environ.get("FASTPROCON_TRACEBACK") == "1" or err.filename is None or err.errno not in CANNOT_WRITE:
+            raise
+        print(f"fastprocon {args.command}: error: cannot write {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 1
 

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastprocon.data.examples import IGNORE_INDEX, Example, load_examples_report, mix_order, scan_jsonl
+from fastprocon.data.examples import IGNORE_INDEX, Example, chat_markup, load_examples_report, mix_order, scan_jsonl
 from fastprocon.data.tokenize import TokenizedExample, check_overlong, hash_sorted_examples, tokenize_chunk
 from fastprocon.distributed.collectives import on_main
 from fastprocon.utils.checksums import file_sha256
@@ -47,9 +47,10 @@ from fastprocon.utils.mapped import ChunkWriter, MappedFile, read_rows
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "fastprocon.tokens"
-LAYOUT_VERSION = 1          # bump when tokenization or the layout changes: old files are then never found
+LAYOUT_VERSION = 3          # bump when tokenization or the layout changes: old files are then never found
 CHUNK = 4096                # examples tokenized per call
 _ARRAYS = ("tokens", "offsets", "prompt_lengths", "id_bytes", "id_offsets")
+_CHECK_BLOCK = 1 << 22      # bytes per read when an array is hashed (open_cache's check)
 _HASH_BLOCK = 1 << 20       # data files are hashed 1 MiB at a time: a 16 MiB block was most of a streamed build's peak
 
 
@@ -220,14 +221,15 @@ def load_training_set(path: Path, tokenizer, max_length: int, *, skip_bad_rows: 
     def make_examples() -> tuple[Sequence[Example], dict]:
         # a .jsonl file is streamed (a RowScan keeps 32 bytes a row, the mix order 8 more; build_cache reads CHUNK
         # rows at a time); a .json list is parsed whole, as before. The small safety set is held in memory.
+        markup = chat_markup(tokenizer)     # rows holding special tokens are bad rows (named by file and line)
         if sources[0].suffix == ".jsonl":
-            primary = scan_jsonl(sources[0], skip_bad_rows=skip_bad_rows)
+            primary = scan_jsonl(sources[0], skip_bad_rows=skip_bad_rows, markup=markup)
         else:
-            primary = _InMemory(load_examples_report(sources[0], skip_bad_rows=skip_bad_rows))
+            primary = _InMemory(load_examples_report(sources[0], skip_bad_rows=skip_bad_rows, markup=markup))
         n_rows, n_skipped, first_skipped = primary.n_rows, primary.n_skipped, primary.first_skipped
         examples = _Streamed(primary)
         if safety_samples > 0:
-            extra = load_examples_report(sources[1], skip_bad_rows=skip_bad_rows)
+            extra = load_examples_report(sources[1], skip_bad_rows=skip_bad_rows, markup=markup)
             if safety_samples > len(extra.examples):
                 raise ValueError(f"safety_samples = {safety_samples} but {sources[1].stem} has only "
                                  f"{len(extra.examples)} examples ({sources[1]})")
@@ -319,14 +321,25 @@ def build_cache(path: Path, key: str, parts: dict, make_examples: Callable[[], t
         data = TokenizedDataset(*(out.mapped(name) for name in _ARRAYS))
         header = {"key": key, "key_parts": parts, "n_samples": len(data), "n_tokens": n_tokens,
                   "dataset_hash": data.hash, "info": {**info, "n_truncated": n_truncated},
+                  "array_sha256": {name: array_sha256(out.mapped(name)) for name in _ARRAYS},
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         del data
         return out.finish(CACHE_FORMAT, header)
 
 
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of an array's bytes, read a block at a time from its file (see ``read_rows``)."""
+    digest = hashlib.sha256()
+    rows = max(1, _CHECK_BLOCK // max(array.itemsize, 1))
+    for start in range(0, len(array), rows):
+        digest.update(read_rows(array, start, min(start + rows, len(array))).data)
+    return digest.hexdigest()
+
+
 def open_cache(path: Path, key: str | None = None) -> TokenizedDataset:
-    """Map a cache file; ValueError naming it if it is unreadable, inconsistent or (``key``
-    given) made for another key."""
+    """Map a cache file; ValueError naming it if it is unreadable, inconsistent, changed since it
+    was written (each array's sha256, from the header, is checked: one read of the file) or
+    (``key`` given) made for another key."""
     hint = "delete it and it is rebuilt on the next start"
     try:
         f = MappedFile(path, CACHE_FORMAT)
@@ -347,8 +360,14 @@ def open_cache(path: Path, key: str | None = None) -> TokenizedDataset:
             problems.append("offsets do not span the tokens / ids")
         elif np.any(np.diff(offsets) <= prompt_lengths) or np.any(np.diff(_in_memory(id_offsets)) <= 0):
             problems.append("a sample with no response token or no id")
-        elif not isinstance(h.get("dataset_hash"), str) or not isinstance(h.get("info"), dict):
-            problems.append("header without dataset_hash / info")
+        elif not isinstance(h.get("dataset_hash"), str) or not isinstance(h.get("info"), dict) \
+                or not isinstance(h.get("array_sha256"), dict):
+            problems.append("header without dataset_hash / info / array_sha256")
+        else:   # values changed in place (the structure intact) are found only by their checksums
+            changed = [name for name, array in zip(_ARRAYS, arrays)
+                       if array_sha256(array) != h["array_sha256"].get(name)]
+            if changed:
+                problems.append(f"{changed[0]} fails its sha256 checksum")
     if problems:
         raise ValueError(f"{path}: corrupt data cache ({problems[0]}); {hint}")
     return TokenizedDataset(tokens, offsets, prompt_lengths, id_bytes, id_offsets, info=h["info"],

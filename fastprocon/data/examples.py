@@ -198,10 +198,11 @@ class RowScan:
         return out
 
 
-def scan_jsonl(path: str | Path, *, skip_bad_rows: bool = False) -> RowScan:
+def scan_jsonl(path: str | Path, *, skip_bad_rows: bool = False, markup: tuple[str, ...] = ()) -> RowScan:
     """:func:`load_examples_report` of a .jsonl file, streamed: the same errors (the first bad row
     names the file and line, unless ``skip_bad_rows``; a non-UTF-8 byte anywhere is reported
-    first, as when the whole file is decoded at once), but what it keeps is a :class:`RowScan`."""
+    first, as when the whole file is decoded at once), but what it keeps is a :class:`RowScan`.
+    ``markup``: as :func:`load_examples_report`'s."""
     path = Path(path)
     offsets, keys = array("q"), array("q")
     n_rows, n_skipped, first_skipped = 0, 0, None
@@ -212,7 +213,7 @@ def scan_jsonl(path: str | Path, *, skip_bad_rows: bool = False) -> RowScan:
         n_rows += 1
         where = f"{path} line {number}"
         try:
-            system, prompt, response = _parse_example_row(_jsonl_row(line, where), where)
+            system, prompt, response = _parse_example_row(_jsonl_row(line, where), where, markup)
         except _BadRow as err:
             if not skip_bad_rows:
                 for _ in lines:      # the rest is still decoded: a non-UTF-8 byte later wins, as in _read_rows
@@ -263,8 +264,20 @@ def _parse_chat(messages, where: str) -> tuple[str | None, str, str]:
     return system, messages[-2]["content"], messages[-1]["content"]
 
 
-def _parse_example_row(row, where: str) -> tuple[str | None, str, str]:
-    """(system, prompt, response) of one row in any supported format."""
+def _parse_example_row(row, where: str, markup: tuple[str, ...] = ()) -> tuple[str | None, str, str]:
+    """(system, prompt, response) of one row in any supported format; a field holding one of the
+    strings ``markup`` (the tokenizer's special tokens, see :func:`chat_markup`) is a bad row."""
+    system, prompt, response = _parse_row_fields(row, where)
+    for field_name, text in (("system message", system), ("prompt", prompt), ("response", response)):
+        token = markup_in(text, markup)
+        if token is not None:
+            raise _BadRow(f"{where}: the {field_name} contains the special token {token!r}, which the tokenizer "
+                          "would read as chat markup (a turn boundary), not as text; remove it from the data or "
+                          "skip such rows (skip_bad_rows)")
+    return system, prompt, response
+
+
+def _parse_row_fields(row, where: str) -> tuple[str | None, str, str]:
     if isinstance(row, _BadRow):
         raise row
     if not isinstance(row, dict):
@@ -303,16 +316,19 @@ def _dedup_ids(examples: list[Example]) -> list[Example]:
     return out
 
 
-def load_examples_report(path: str | Path, *, skip_bad_rows: bool = False) -> LoadReport:
+def load_examples_report(path: str | Path, *, skip_bad_rows: bool = False,
+                         markup: tuple[str, ...] = ()) -> LoadReport:
     """Load prompt/response rows; a bad row raises ValueError naming file, line/item and field,
-    unless ``skip_bad_rows``, which skips it and records the message in ``report.skipped``."""
+    unless ``skip_bad_rows``, which skips it and records the message in ``report.skipped``. A row
+    whose text holds one of the strings ``markup`` (the tokenizer's special tokens: chat markup,
+    see :func:`chat_markup`) is a bad row naming the token."""
     path = Path(path)
     skipped: list[str] = []
     examples, n_rows = [], 0
     for where, row in _read_rows(path):
         n_rows += 1
         try:
-            system, prompt, response = _parse_example_row(row, where)
+            system, prompt, response = _parse_example_row(row, where, markup)
         except _BadRow as err:
             if not skip_bad_rows:
                 raise ValueError(str(err)) from None
@@ -394,3 +410,19 @@ def mix_order(n_primary: int, primary_has_id, extra: list[Example], k: int,
     order = array("q", range(n_primary + k))
     rng.shuffle(order)                             # the same swaps as on the list of examples
     return np.frombuffer(order, np.int64), picked
+
+
+def chat_markup(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's special-token strings (bos, eos, pad, turn markers such as ``<|im_start|>``),
+    longest first: inside data text the tokenizer would read them as markup, not as text."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token.content))
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def markup_in(text: str | None, markup: tuple[str, ...]) -> str | None:
+    """The string of ``markup`` that comes first in ``text`` (the longest of those starting there), or None."""
+    found = [(text.find(token), -len(token), token) for token in markup if text and token in text]
+    return min(found)[2] if found else None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from fastprocon.data.examples import builtin_path, load_instructions
+from fastprocon.data.examples import builtin_path, chat_markup, load_instructions, markup_in
 from fastprocon.data.tokenize import format_prompt
 
 
@@ -18,9 +18,15 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int | None = None,
     characters) and ``why`` the limit is what it is. Prompts are never cut: a cut prompt
     (either end) is another prompt, and its result would pass for the original's.
     """
+    markup = chat_markup(tokenizer)
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt {i} is empty or not a string: {prompt!r}")
+        token = markup_in(prompt, markup)
+        if token is not None:
+            head = " ".join(prompt.split())[:40]
+            raise ValueError(f"prompt {i} ({head!r}...) contains the special token {token!r}, which the tokenizer "
+                             "would read as chat markup (a turn boundary), not as text; remove it from the prompts")
     encoded = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     if max_tokens is not None:
         for i, ids in enumerate(encoded):

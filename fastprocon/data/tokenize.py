@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from fastprocon.data.examples import IGNORE_INDEX, Example
+from fastprocon.data.examples import IGNORE_INDEX, Example, chat_markup, markup_in
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,13 @@ def tokenize_chunk(examples: list[Example], tokenizer,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token: cannot mark the end of a response")
+    markup = chat_markup(tokenizer)
+    for ex in examples:    # the loaders name file and line; this also covers examples made in code
+        for field_name, text in (("system message", ex.system), ("prompt", ex.prompt), ("response", ex.response)):
+            token = markup_in(text, markup)
+            if token is not None:
+                raise ValueError(f"example {ex.id}: the {field_name} contains the special token {token!r}, which "
+                                 "the tokenizer would read as chat markup (a turn boundary), not as text; remove it")
     prompts = [format_prompt(tokenizer, ex.prompt, ex.system) for ex in examples]
     responses = [_response_text(tokenizer, ex, p) for ex, p in zip(examples, prompts)]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if examples else []

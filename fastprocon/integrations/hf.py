@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from fastprocon.integrations.procon import ProCon, refuse_sharded
 
+_ADDED = "_fastprocon_procon"   # the ProCon add_procon gave this trainer
+
 
 def steps_per_epoch(trainer) -> int:
     """Optimizer steps per epoch, as transformers' Trainer counts them (a last partial step counts)."""
@@ -27,6 +29,9 @@ def add_procon(trainer, **settings) -> ProCon:
     """Add ProCon to ``trainer`` (a ``transformers.Trainer``, including TRL's ``SFTTrainer``) before
     ``trainer.train()``. ``settings`` are :class:`ProCon`'s (the ``[procon]`` keys of ``fastprocon
     train``, plus ``reference_cache``). Returns the ProCon object (``.remove()`` takes it off)."""
+    if getattr(trainer, _ADDED, None) is not None:
+        raise ValueError("add_procon: this trainer already has ProCon (an earlier add_procon call); a second would "
+                         "install a second set of hooks and double the penalty's gradient: call add_procon once")
     args = trainer.args
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         raise ValueError("add_procon: this Trainer uses FSDP or DeepSpeed, which fastprocon.integrations does not "
@@ -62,4 +67,5 @@ def add_procon(trainer, **settings) -> ProCon:
 
     trainer.get_batch_samples = get_batch_samples_with_procon
     trainer.log = log_with_procon
+    setattr(trainer, _ADDED, procon)
     return procon

@@ -64,6 +64,9 @@ def refuse_sharded(model: nn.Module) -> None:
                          f"{torch.distributed.get_world_size()} (torchrun/DDP): use `fastprocon train` under torchrun")
 
 
+_ATTACHED = "_fastprocon_procon"   # the ProCon whose hooks a model carries
+
+
 class ProCon:
     """ProCon for your own training loop (see the module docstring).
 
@@ -86,6 +89,9 @@ class ProCon:
     def __init__(self, model: nn.Module, tokenizer, *, steps_per_epoch: int | None = None,
                  reference_cache: str | Path | None = None, **settings):
         refuse_sharded(model)
+        if getattr(unwrap_model(model), _ATTACHED, None) is not None:
+            raise ValueError("this model already has ProCon hooks (a ProCon made earlier); call .remove() on that "
+                             "one first: a second set would add the penalty's gradient twice")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template: ProCon reads refusal "
                              "directions at the last token of the chat-formatted prompt; set tokenizer.chat_template")
@@ -109,6 +115,7 @@ class ProCon:
         self._exit.enter_context(self.hooks.installed())
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                          model.register_forward_hook(self._after_forward, always_call=True)]
+        unwrap_model(model).__dict__[_ATTACHED] = self     # not a submodule: kept out of state_dict
         self._tmp = None
         self.reference_path = Path(reference_cache) if reference_cache else None
         self.reference: ReferenceCache | None = None
@@ -146,10 +153,11 @@ class ProCon:
             path = Path(self._tmp.name) / "reference.safetensors"
         if not path.exists():
             header = {"model": self.loaded.name, **identity, "dataset_hash": "content-keyed", "max_length": 0,
-                      "keys": "sha1(input_ids, response mask)"}
+                      "keys": "sha1(input_ids, response mask)", "storage_dtype": self.cfg.reference_dtype}
             with self._initial_model(), torch.random.fork_rng(devices=[]):   # leave the data order as it was
                 record_reference(self.model, self.hooks, batches, path, header)
-        self.reference = ReferenceCache.load(path, dataset_hash=None, max_length=None, **identity)
+        self.reference = ReferenceCache.load(path, dataset_hash=None, max_length=None,
+                                             storage_dtype=self.cfg.reference_dtype, **identity)
         if self.cfg.norm == "band":   # the band's per-layer widths: a fraction of z0's spread in this cache
             self.hooks.set_widths(band_widths(self.reference, self.layers, self.cfg.band_fraction).to(self.device))
 
@@ -158,6 +166,8 @@ class ProCon:
         for handle in self._handles:
             handle.remove()
         self._exit.close()
+        if unwrap_model(self.model).__dict__.get(_ATTACHED) is self:
+            del unwrap_model(self.model).__dict__[_ATTACHED]
 
     # -- per optimizer step ----------------------------------------------------------------------
 

@@ -113,7 +113,8 @@ def record_reference(model: torch.nn.Module, hooks: ProConHooks, batches: Iterab
     """The pre-pass: run ``model`` (the initial weights, eval mode) once over ``batches`` and write
     z0 of every sample's response tokens at the hooks' layers to a reference cache file at
     ``path``, keyed by :func:`sample_key`. Samples seen twice are stored once. Returns the number
-    of samples. ``header`` holds the identity fields of procon/reference.py's cache files."""
+    of samples. ``header`` holds the identity fields of procon/reference.py's cache files (and
+    ``storage_dtype``, default "fp32")."""
     keys, pieces, seen = [], [], set()
     for batch in batches:
         segments, batch_keys, response = batch_samples(batch)
@@ -128,7 +129,7 @@ def record_reference(model: torch.nn.Module, hooks: ProConHooks, batches: Iterab
             pieces.append(z[:, seg.row, seg.start:seg.end][:, response[seg.row, seg.start:seg.end]])
     if not keys:
         raise ValueError("the reference pre-pass got no samples: the training data loader is empty")
-    write_shard(path, [(keys, pieces)], {**header, "storage_dtype": "fp32", "build_id": uuid.uuid4().hex}, 0, 1)
+    write_shard(path, [(keys, pieces)], {"storage_dtype": "fp32", **header, "build_id": uuid.uuid4().hex}, 0, 1)
     write_index(path, 1)
     return len(keys)
 

@@ -20,6 +20,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+class ModelLayoutError(TypeError, ValueError):
+    """A model whose layout fastprocon does not know (no decoder layers where it looks): bad input,
+    so the command line reports it in one line."""
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The ModuleList of the model's L decoder layers (Llama/Mistral/Qwen/GPT-2/GPT-NeoX layouts)."""
     base = unwrap_model(model)
@@ -31,8 +36,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
                 break
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             return module
-    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}: "
-                    "expected a ModuleList at model.layers (Llama-like) or a known equivalent")
+    raise ModelLayoutError(f"cannot find the decoder layers of {type(base).__name__}: expected a ModuleList at "
+                           "model.layers (Llama-like) or model.decoder.layers, transformer.h, gpt_neox.layers, layers")
 
 
 def num_layers(model: torch.nn.Module) -> int:

@@ -57,6 +57,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
 
     directory, name = model_dir(spec)
     device = torch.device(device)
+    local = Path(directory)
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model directory {local} has no tokenizer files (none of "
+                                f"{', '.join(TOKENIZER_FILES)}); copy them in from where the model came from")
     attn = attn_implementation or default_attn_implementation(device, model_class(directory))
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -72,6 +76,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     decoder_layers(model)   # a model without decoder layers (an encoder, say) is refused here, in one line
     _prepare_tokenizer(tokenizer)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))
+
+
+# what AutoTokenizer reads from a directory (one is enough: tokenizer_config.json names the rest)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def default_attn_implementation(device: torch.device, model_class: type | None = None) -> str:

@@ -187,7 +187,23 @@ def load_weights(model: nn.Module, directory: Path, files: list[Path], *, seed: 
             dcp.load(to_load, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=True)
     except (CheckpointException, Exception) as err:   # CheckpointException is a BaseException
         raise ValueError(f"cannot load the weights in {directory}: {first_line(err)}") from None
+    _refuse_non_finite(to_load, stored)
     init_lora(model, fresh, seed)
+
+
+def _refuse_non_finite(loaded: dict[str, torch.Tensor], stored: dict[str, tuple[Path, dict]]) -> None:
+    """ValueError naming the file and tensor of the first NaN/inf weight this process read (a
+    damaged model would only show as a NaN loss at step 1); every process of a group learns of
+    it (each reads only its own shards)."""
+    bad = next((name for name, tensor in loaded.items()
+                if tensor.is_floating_point() and not bool(torch.isfinite(local_slice(tensor)).all())), None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        found = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(found, bad)
+        bad = next((name for name in found if name is not None), None)
+    if bad is not None:
+        raise ValueError(f"{stored[bad][0]}: tensor '{bad}' has non-finite values (NaN or inf): the model's weights "
+                         "are damaged; load them again from their source")
 
 
 def init_lora(model: nn.Module, keys: list[str], seed: int) -> None:

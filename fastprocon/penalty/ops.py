@@ -77,9 +77,10 @@ def weighted_psi(z: Tensor, reference: Optional[Tensor], weight: Optional[Tensor
     """(w * psi(z - z0), w * psi'(z - z0)) per row, in z's dtype; None means z0 = 0, w = 1."""
     diff = z - reference.to(z.dtype) if reference is not None else z
     psi, dpsi = psi_and_grad(diff, norm, delta)
-    if weight is not None:
+    if weight is not None:   # a weight-0 row is excluded entirely: not 0 * psi(NaN) = NaN
         w = weight.to(z.dtype)
-        psi, dpsi = psi * w, dpsi * w
+        keep = w != 0
+        psi, dpsi = torch.where(keep, psi * w, 0), torch.where(keep, dpsi * w, 0)
     return psi, dpsi
 
 
@@ -141,6 +142,8 @@ def projection_fwd_torch(hidden: Tensor, direction: Tensor, reference: Optional[
         if need_dir_grad:  # while the chunk's upcast copy is at hand: one pass over H
             ref_rows = reference[rows] if reference is not None else None
             w_rows = weight[rows] if weight is not None else None
+            if w_rows is not None:   # weight-0 rows out (their coefficient is 0, but 0 * NaN is NaN)
+                h = h.masked_fill((w_rows == 0)[:, None], 0)
             hc.addmv_(h.t(), weighted_psi(z[rows], ref_rows, w_rows, norm, width)[1])
     psi, dpsi = weighted_psi(z, reference, weight, norm, width)
     coef = dpsi if need_grad else z.new_empty(0)
@@ -185,8 +188,15 @@ def procon_penalty_ref(hidden: Tensor, direction: Tensor, reference: Optional[Te
     or a 0-d tensor. Returns (loss [], z [...]).
     """
     acc = acc_dtype(hidden.dtype)
-    z = hidden.to(acc) @ unit_direction(direction, hidden.dtype)
-    diff = z - reference.to(acc) if reference is not None else z
+    h = hidden.to(acc)
+    r = unit_direction(direction, hidden.dtype)
+    z = h @ r
+    z_used = z
+    if weight is not None:   # a weight-0 row with a non-finite z is excluded entirely (not 0 * NaN)
+        excluded = (weight == 0) & ~torch.isfinite(z.detach())
+        # the direction's gradient H^T dL/dz would meet the NaN rows again: it gets them zeroed in H
+        z_used = h.masked_fill(excluded[..., None], 0) @ r if r.requires_grad else torch.where(excluded, 0, z)
+    diff = z_used - reference.to(acc) if reference is not None else z_used
     psi, _ = psi_and_grad(diff, NORMS[norm], delta)
     if weight is not None:
         psi = psi * weight.to(acc)

@@ -104,9 +104,10 @@ class ReferenceCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model_fingerprint: str | None, directions_hash: str | None,
-             dataset_hash: str | None, max_length: int | None, layers: list[int] | None) -> "ReferenceCache":
+             dataset_hash: str | None, max_length: int | None, layers: list[int] | None,
+             storage_dtype: str | None = None) -> "ReferenceCache":
         """Open a cache (memory maps) and check it was built for exactly this setup (None skips a
-        field's check).
+        field's check); ``storage_dtype`` ("fp32" / "bf16"): the dtype the caller asks z0 in.
 
         Raises FileNotFoundError for a missing index or shard file and ValueError for a corrupt
         file or any mismatch (naming the field, the expected and the found value).
@@ -124,6 +125,11 @@ class ReferenceCache:
             if want is not None and header.get(name) != want:
                 raise ValueError(f"reference cache {path} does not match: {name} expected {want!r}, found "
                                  f"{header.get(name)!r}; rebuild it with `fastprocon reference`")
+        stored = header.get("storage_dtype")
+        if storage_dtype is not None and stored != storage_dtype:   # bf16 z0 keeps 8 bits: another penalty
+            raise ValueError(f"reference cache {path} stores z0 in {stored}, this run asks for {storage_dtype} "
+                             f"(procon.reference_dtype); rebuild it with `fastprocon reference --storage-dtype "
+                             f"{storage_dtype}`, or set procon.reference_dtype = '{stored}' to use it as it is")
         return cls(files)
 
     @classmethod

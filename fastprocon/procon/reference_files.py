@@ -164,6 +164,10 @@ class Z0Files:
     def __len__(self) -> int:
         return int(self.header["n_samples"])
 
+    def file_paths(self) -> list[Path]:
+        """Every file the cache consists of: the index, then its shards."""
+        return [self.path, *(s.path for s in self.shards)]
+
     def locate(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(shard [B], row [B], positions in ``ids`` of the ids not in the cache)."""
         encoded = [sample_id.encode() for sample_id in ids]

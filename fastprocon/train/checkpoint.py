@@ -22,7 +22,9 @@ checkpoint. ``<run dir>/.lock`` (:class:`RunLock`) keeps a second run out.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import io
 import json
 import os
 import random
@@ -43,8 +45,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from fastprocon.distributed.collectives import barrier, first_error, on_main
 from fastprocon.distributed.process import DistContext
+from fastprocon.train.resume_changes import check_changes, config_changes, recorded_config
 from fastprocon.utils.checksums import verify_manifest, write_manifest
-from fastprocon.utils.io import atomic_path
+from fastprocon.utils.io import atomic_path, naming
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -144,11 +147,13 @@ class CheckpointManager:
                                     f"(no {STATE_FILE}); {_way_out(self.root, target)}")
         return target
 
-    def plan_resume(self, choice: str, model: dict, data: dict) -> tuple[Path, dict, str | None] | None:
+    def plan_resume(self, choice: str, model: dict, data: dict,
+                    config: dict | None = None) -> tuple[Path, dict, str | None] | None:
         """(checkpoint, its trainer state, a note or None) to resume from for ``checkpoint.resume =
         choice``, verified against its checksum manifest and checked against this run's ``model``
         and ``data`` identity (see :func:`check_resumable`) before anything is loaded; None = a
-        fresh start. With "auto", a damaged latest checkpoint gives way to the newest intact
+        fresh start; ``config`` (``Config.to_dict()``) is checked against the checkpoint's
+        (see :func:`check_resumable`). With "auto", a damaged latest checkpoint gives way to the newest intact
         earlier one (the note says so); an explicit damaged path is an error. Run on rank 0."""
         if choice == "never":
             self._refuse_existing_run()
@@ -169,7 +174,7 @@ class CheckpointManager:
             note = f"checkpoint {path} is damaged ({problem}); resuming from the newest intact one, {intact}"
             path = intact
         state = read_state(path)
-        check_resumable(path, state, model, data)
+        check_resumable(path, state, model, data, config)
         return path, state, note
 
     def newest_intact(self, before: Path) -> Path | None:
@@ -202,12 +207,19 @@ class CheckpointManager:
         except CheckpointException as err:   # a read-only or full disk: raise the OSError that names the file
             cause = _first_failure(err)
             if isinstance(cause, OSError):
-                raise cause from None
+                with naming(tmp):            # a failed write names no file: the checkpoint then
+                    raise cause from None
+            if isinstance(cause, RuntimeError) and "unexpected pos" in str(cause):   # torch's zip writer, short
+                raise OSError(errno.EIO, "a write came up short (a full disk?)", str(tmp)) from None
             raise
-        torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
+        rng_file, buffer = tmp / f"rng_rank{self.ctx.rank}.pt", io.BytesIO()
+        torch.save(rng_state(), buffer)      # written by us: a full disk is an OSError, not torch's RuntimeError
+        with naming(rng_file):
+            rng_file.write_bytes(buffer.getvalue())
         if self.ctx.is_main:
             state = {**trainer_state, "step": step, "world_size": self.ctx.world_size}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            with naming(tmp / STATE_FILE):
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         barrier()   # every shard is on disk before the manifest and the rename
         on_main(lambda: (write_manifest(tmp), self._publish(tmp, final)))   # every rank returns after `latest` moved
         return final
@@ -272,36 +284,57 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def check_resumable(path: Path, state: dict, model: dict, data: dict) -> None:
+def check_resumable(path: Path, state: dict, model: dict, data: dict, config: dict | None = None) -> None:
     """ValueError unless checkpoint ``path`` (trainer ``state``) was trained with this ``model``
-    identity (spec, fingerprint, LoRA; keys an older checkpoint lacks are not compared) and the
+    identity (spec, fingerprint, LoRA; keys an older checkpoint lacks are not compared), with a
+    config (``Config.to_dict()``) that differs only where train/resume_changes.py allows, and the
     same batch plan (``data``: dataset hash, batch size, seed)."""
     fix = "use checkpoint.resume = 'never' and another run_dir"
     for key, label in _MODEL_KEYS.items():
         if key in state and state[key] != model[key]:
             raise ValueError(f"cannot resume from {path}: it was trained with {label} {state[key]!r}, this config "
                              f"gives {model[key]!r}; {fix}")
+    recorded = recorded_config(path, state) if config is not None else None
+    if recorded is not None:
+        check_changes(path, config_changes(recorded, config), config["checkpoint"]["resume_changes"])
     for key in _DATA_KEYS:
         if state["data"].get(key) != data[key]:
             raise ValueError(f"cannot resume from {path}: it was trained with {key} = {state['data'].get(key)!r}, "
                              f"this config gives {data[key]!r} (the data order would differ); {fix}")
 
 
-def check_same_inputs(path: Path, state: dict, inputs: dict | None) -> None:
+def check_same_inputs(path: Path, state: dict, inputs: dict | None, run_dir: Path | None = None) -> None:
     """ValueError unless the ProCon inputs recorded in checkpoint ``path``'s trainer ``state``
-    (directions and reference cache: path and hash, see ``Trainer._procon_inputs``) are the ones
-    this run has now; a checkpoint without that record, or a run without ProCon, is not compared."""
+    (directions and reference cache: path and hash, and the sha256 of every file of the cache, see
+    ``Trainer._procon_inputs``) are the ones this run has now (for a checkpoint outside ``run_dir``,
+    another run's, the files it was trained with are named); a checkpoint without that record, or a run without ProCon,
+    is not compared."""
     recorded = state.get("procon_inputs")
     if not recorded or not inputs:
         return
     fix = ("put the original file back, or start a new run (another run_dir, or checkpoint.resume = 'never' "
            "in a fresh one)")
-    for what, key in (("directions", "directions_hash"), ("reference cache", "reference_sha256")):
+    # a checkpoint of another run directory (resume = its path): its inputs are that run's files
+    another_run = run_dir is not None and Path(path).resolve().parent.parent != Path(run_dir).resolve()
+    for what, key, setting in (("directions", "directions_hash", "procon.directions"),
+                               ("reference cache", "reference_sha256", "procon.reference_cache")):
+        then, now = recorded.get(what.split()[0]), inputs.get(what.split()[0])
+        if recorded.get(key) != inputs.get(key) and then and now and Path(then) != Path(now) and another_run:
+            raise ValueError(f"cannot resume from {path}: it was trained with the {what} {then}, this run has "
+                             f"{now} (another run's checkpoint?); to go on from it set {setting} = '{then}', or "
+                             "start this run from scratch (checkpoint.resume = 'auto' or 'never')")
         if recorded.get(key) != inputs.get(key):
             file = inputs.get(what.split()[0]) or recorded.get(what.split()[0])
             raise ValueError(f"cannot resume from {path}: the {what} {file} changed since the run started "
                              f"({key} {str(recorded.get(key))[:12]}... then, {str(inputs.get(key))[:12]}... now; "
                              f"replaced by a tool such as `fastprocon directions --out`?); {fix}")
+    before, now = recorded.get("reference_files"), inputs.get("reference_files")
+    if before and now is not None:   # a checkpoint from before per-file hashes has only the index's
+        for name in sorted(set(before) | set(now)):
+            if before.get(name) != now.get(name):
+                raise ValueError(f"cannot resume from {path}: the reference cache {inputs.get('reference')} changed "
+                                 f"since the run started ({name}: sha256 {str(before.get(name))[:12]}... then, "
+                                 f"{str(now.get(name))[:12]}... now); {fix}")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -93,6 +93,7 @@ class CheckpointConfig:
     keep_checkpoints: int = 2              # newest complete checkpoints kept
     resume: str = "auto"                   # "auto" (latest in the run dir), "never", or a checkpoint dir
     export: bool = True                    # write the final model in Hugging Face format
+    resume_changes: str | list[str] = ""   # settings that may change meaning on resume: "all" or keys ("alpha,lr")
 
 
 @dataclass
@@ -300,6 +301,10 @@ def validate(cfg: Config) -> None:
     need(c.checkpoint_every >= 0, "checkpoint.checkpoint_every", ">= 0 (0 = only at the end)")
     need(c.keep_checkpoints >= 1, "checkpoint.keep_checkpoints", ">= 1")
     need(bool(c.resume), "checkpoint.resume", "'auto', 'never' or a checkpoint directory")
+    names = c.resume_changes.split(",") if isinstance(c.resume_changes, str) else c.resume_changes
+    unknown = [n.strip() for n in names if n.strip() and n.strip() != "all" and n.strip() not in _key_index()
+               and n.strip() not in {f"{s}.{k}" for s in SECTIONS for k in _field_types(s)}]
+    need(not unknown, "checkpoint.resume_changes", f"'all' or config keys (unknown: {', '.join(unknown)})")
 
 
 def to_toml(cfg: Config) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastprocon.train.metrics import read_metrics
 from fastprocon.train.probe import SHARE_KEY
+from fastprocon.train.resume_changes import latest_config_file
 from fastprocon.utils.io import atomic_path
 
 DASHBOARD_FILE = "dashboard.png"
@@ -26,10 +27,10 @@ def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def _min_share(run_dir: Path) -> float:
-    """train.min_refusal_share from the run's config.toml (0 when absent or unreadable)."""
+    """train.min_refusal_share from the run's newest config version (0 when absent or unreadable)."""
     import tomllib
     try:
-        return float(tomllib.loads((run_dir / "config.toml").read_text())["train"].get("min_refusal_share", 0.0))
+        return float(tomllib.loads(latest_config_file(run_dir).read_text())["train"].get("min_refusal_share", 0.0))
     except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
         return 0.0
 

@@ -170,6 +170,23 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``<run dir>/metrics.jsonl``."""
+    """The records of ``<run dir>/metrics.jsonl``. An incomplete last line (a run writing it now,
+    or a crash mid-append) is left out, as a resume drops it; a line elsewhere that is not a JSON
+    object is a ValueError naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            if i == last and not path.read_text().endswith("\n"):   # still being written
+                continue
+            raise ValueError(f"{path} line {i + 1} is not valid JSON ({err}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {i + 1} is not a JSON object: {line[:60]!r}")
+        records.append(record)
+    return records

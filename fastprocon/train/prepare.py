@@ -97,7 +97,7 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
         say(f"using reference projections {reference_path}")
     reference = ReferenceCache.load(reference_path, model_fingerprint=loaded.fingerprint,
                                     directions_hash=directions_hash(directions), dataset_hash=data.hash,
-                                    max_length=cfg.data.max_length, layers=layers)
+                                    max_length=cfg.data.max_length, layers=layers, storage_dtype=p.reference_dtype)
     widths = None
     if p.norm == "band":   # from the whole cache: the same widths on every process, whatever the world size
         widths = band_widths(reference, layers, p.band_fraction)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import fastprocon.distributed as D
 from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.data.prompts import context_length
 from fastprocon.models.layers import hidden_size, num_layers, unwrap_model
 from fastprocon.models.load import load_model
 from fastprocon.penalty.functional import resolve_backend
@@ -49,10 +50,11 @@ from fastprocon.train.metrics import (
 from fastprocon.train.packing import forward_kwargs, pack_like, use_packing
 from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
+from fastprocon.train.resume_changes import HARMLESS, config_changes, recorded_config, version_file
 from fastprocon.train.schedule import WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
 from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, to_device
-from fastprocon.utils.checksums import tree_sha256
+from fastprocon.utils.checksums import file_sha256, tree_sha256
 from fastprocon.utils.io import atomic_path, write_json
 
 _NO_BAD_STEP = 2**62
@@ -97,6 +99,10 @@ class Trainer:
         loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
                             attn_implementation=attn, wrap=lambda model: wrap_for_training(cfg, model, ctx.device))
         self.model_name, self.model_fingerprint = loaded.name, loaded.fingerprint
+        context = context_length(unwrap_model(loaded.model))
+        if context is not None and cfg.data.max_length > context:   # positions past it were never trained
+            raise ValueError(f"config data.max_length = {cfg.data.max_length} is more than the context of model "
+                             f"{loaded.name} ({context} tokens); lower it to at most {context}")
         self.data = load_training_data(cfg, loaded.tokenizer)
         self.say(f"model {loaded.name}: {num_layers(loaded.model)} layers, hidden {hidden_size(loaded.model)}; "
                  f"data: {len(self.data.examples)} examples ({self.data.n_primary} from {cfg.data.train}"
@@ -120,12 +126,18 @@ class Trainer:
         self._resume_from = self._plan_resume()   # before directions are made or anything is loaded
         spe = self.batches.steps_per_epoch
         self.max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * spe))
+        if self._resume_from is not None and self._resume_from[1]["step"] > self.max_steps:
+            path, at = self._resume_from[0], self._resume_from[1]["step"]
+            given = f"train.max_steps = {cfg.train.max_steps}" if cfg.train.max_steps else \
+                f"train.epochs = {cfg.train.epochs} ({self.max_steps} steps)"
+            raise ValueError(f"{given}, but the run in {self.run_dir} is already at step {at} ({path}); raise it to "
+                             "go on, or set checkpoint.resume to an earlier checkpoint")
         self.alpha = AlphaSchedule(cfg.procon, spe)
         procon_used = any(self.alpha(s) > 0 for s in range(self.max_steps))
         self.procon = prepare_procon(cfg, loaded, self.data, self.run_dir, ctx, self.say) if procon_used else None
         self._inputs = D.on_main(self._procon_inputs)
         if self._resume_from is not None:   # the directions and z0 the run started with, unchanged
-            D.on_main(lambda: check_same_inputs(*self._resume_from, self._inputs))
+            D.on_main(lambda: check_same_inputs(*self._resume_from, self._inputs, run_dir=self.run_dir))
 
         model = loaded.model.train()
         self.compiled = D.use_compile(cfg.model.compile, ctx.device)     # applied by wrap_for_training
@@ -303,12 +315,15 @@ class Trainer:
         p = self.procon
         return {"directions": str(p.directions_path), "directions_hash": directions_hash(p.directions),
                 "reference": str(p.reference_path) if p.reference_path else None,
-                "reference_sha256": tree_sha256(p.reference_path) if p.reference_path else None}
+                "reference_sha256": tree_sha256(p.reference_path) if p.reference_path else None,
+                # every file of the cache (index and shards), by name: a rewritten shard is named on resume
+                "reference_files": {f.name: file_sha256(f) for f in p.reference.files.file_paths()}
+                if p.reference is not None else None}
 
     def _trainer_state(self, step: int) -> dict:
         model, data = self._identity()
         return {"scheduler": self.scheduler.state_dict(), "data": {**self.batches.position(step), **data},
-                "procon_inputs": self._inputs, **model}
+                "procon_inputs": self._inputs, "config": self.cfg.to_dict(), **model}
 
     def _plan_resume(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume from and its trainer state, checked against this config on
@@ -319,7 +334,8 @@ class Trainer:
         staging = D.on_main(lambda: clean_export_staging(self.run_dir / "model"))
         if staging:
             self.say(f"removed {', '.join(staging)}: staging left by an interrupted export")
-        plan = D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity()))
+        plan = D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity(),
+                                                       config=self.cfg.to_dict()))
         if plan is None:
             return None
         path, state, note = plan
@@ -328,6 +344,7 @@ class Trainer:
         return path, state
 
     def _resume(self) -> int:
+        self._config_changes = {}
         if self._resume_from is None:
             D.on_main(lambda: self.metrics.truncate_after(-1))   # a fresh start: no line survives (probe step 0 too)
             return 0
@@ -342,6 +359,13 @@ class Trainer:
         note = D.on_main(lambda: self.metrics.truncate_after(state["step"]))
         if note:
             self.say(f"warning: {note}")
+        recorded = recorded_config(path, state)
+        self._config_changes = config_changes(recorded, self.cfg.to_dict()) if recorded is not None else {}
+        if self._config_changes:   # each allowed (checked by plan_resume); fit keeps the new config version
+            self.say(f"config changed since {path.name}: " + ", ".join(
+                f"{key} {old!r} -> {new!r}" for key, (old, new) in self._config_changes.items()))
+        if any(key not in HARMLESS for key in self._config_changes):   # a change of meaning, allowed: on record
+            self.metrics.write({"step": state["step"], "config_changes": self._config_changes})
         self.say(f"resumed from {path} at step {state['step']} (saved by {state['world_size']} process(es))")
         return state["step"]
 
@@ -349,8 +373,12 @@ class Trainer:
         cfg, t_start = self.cfg, time.perf_counter()
         start = self._resume()
         if self.ctx.is_main:   # only now: a run refused by the checks above leaves the record as it was
-            with atomic_path(self.run_dir / "config.toml") as tmp:
-                Path(tmp).write_text(to_toml(cfg))
+            # config.toml is the run's first config, never replaced; a resume with another config keeps that too
+            first = self.run_dir / "config.toml"
+            target = version_file(self.run_dir, start) if start and first.is_file() and self._config_changes else first
+            if start == 0 or not first.is_file() or target != first:
+                with atomic_path(target) as tmp:
+                    Path(tmp).write_text(to_toml(cfg))
         written, done, stopped_by, stopped, self._postfix = [], start, None, None, {}
         every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
         hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()

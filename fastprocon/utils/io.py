@@ -45,6 +45,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 RUN_DIR_MARKERS = ("config.toml", "metrics.jsonl", "checkpoints")
 
 
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a failed write: disk full, file too large) as one
+    that names ``path``, so the error says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
+        raise
+
+
 def owning_run(file: str | os.PathLike) -> Path | None:
     """The training run directory ``file`` sits in (one of :data:`RUN_DIR_MARKERS` beside it), or None."""
     parent = Path(file).parent

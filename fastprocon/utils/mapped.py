@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastprocon.utils.io import FORMAT_VERSION, atomic_path
+from fastprocon.utils.io import FORMAT_VERSION, atomic_path, naming
 
 # safetensors dtype tag <-> numpy storage dtype (bf16 is stored and mapped as its uint16 bits)
 _NUMPY = {"F64": np.float64, "I64": np.int64, "F32": np.float32, "I32": np.int32, "BF16": np.uint16,
@@ -73,7 +73,8 @@ class ChunkWriter:
             part = self._parts[name] = [tag, array.shape[1:], 0, open(self._dir / name, "wb")]
         elif (part[0], part[1]) != (tag, array.shape[1:]):
             raise ValueError(f"{name}: rows {tag} {array.shape[1:]} do not match the earlier {part[0]} {part[1]}")
-        array.tofile(part[3])
+        with naming(self.path):     # a full disk names the file being made (tofile's error has no errno)
+            part[3].write(array.data)
         part[2] += array.shape[0]
 
     def mapped(self, name: str) -> np.ndarray:
@@ -98,7 +99,7 @@ class ChunkWriter:
         blob = json.dumps(entries, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)                        # data starts 8-byte aligned
         try:
-            with atomic_path(self.path) as tmp:
+            with naming(self.path), atomic_path(self.path) as tmp:
                 with open(tmp, "wb") as out:
                     out.write(struct.pack("<Q", len(blob)) + blob)
                     for name in names:
