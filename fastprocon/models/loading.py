@@ -193,14 +193,10 @@ def load_weights(model: nn.Module, directory: Path, files: list[Path], *, seed: 
 
 def _refuse_non_finite(loaded: dict[str, torch.Tensor], stored: dict[str, tuple[Path, dict]]) -> None:
     """ValueError naming the file and tensor of the first NaN/inf weight this process read (a
-    damaged model would only show as a NaN loss at step 1); every process of a group learns of
-    it (each reads only its own shards)."""
+    damaged model would only show as a NaN loss at step 1). Not collective, as the loading: a
+    process of a group raises for its own shards (torchrun then stops the others)."""
     bad = next((name for name, tensor in loaded.items()
                 if tensor.is_floating_point() and not bool(torch.isfinite(local_slice(tensor)).all())), None)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        found = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(found, bad)
-        bad = next((name for name in found if name is not None), None)
     if bad is not None:
         raise ValueError(f"{stored[bad][0]}: tensor '{bad}' has non-finite values (NaN or inf): the model's weights "
                          "are damaged; load them again from their source")
