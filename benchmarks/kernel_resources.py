@@ -74,8 +74,11 @@ def cases(d_values: list[int], dtype_names: list[str]) -> list[Case]:
                 flags += " dir_grad=1" if dir_grad else ""
                 out.append(Case("fwd", name, d, flags, K._procon_fwd_kernel,
                                 dict(h_ptr=h, r_ptr=acc_torch, z0_ptr=acc_torch, w_ptr=w_dtype or acc_torch,
-                                     z_ptr=acc_torch, coef_ptr=acc_torch, partial_ptr=acc_torch, hc_ptr=acc_torch),
-                                dict(NORM=NORMS[norm], HAS_Z0=has_z0, HAS_W=w_dtype is not None,
+                                     z_ptr=acc_torch, coef_ptr=acc_torch, partial_ptr=acc_torch, hc_ptr=acc_torch,
+                                     delta_ptr=acc_torch),
+                                # the trainer gives the band's per-layer width as a 0-d tensor
+                                dict(NORM=NORMS[norm], HAS_DELTA_PTR=norm == "band", HAS_Z0=has_z0,
+                                     HAS_W=w_dtype is not None,
                                      NEED_GRAD=need_grad, NEED_DIR_GRAD=dir_grad, ACC_DTYPE=acc_tl, BLOCK_N=bn,
                                      BLOCK_D=bd), warps))
             bn, bd, warps = K._bwd_blocks(1 << 20, d)

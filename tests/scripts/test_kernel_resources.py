@@ -42,7 +42,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         {(k, d) for k in ("fwd", "bwd", "sum_partials", "sum_rows") for d in ("bf16", "fp32", "fp64")}
     assert {r["D"] for r in rows if not r["kernel"].startswith("sum_")} == {"64", "4096"}
     assert any("dir_grad=1" in r["flags"] for r in rows if r["kernel"] == "fwd")
-    assert {r["flags"].split()[0] for r in rows if r["kernel"] == "fwd"} == {"norm=l1", "norm=l2sq", "norm=huber"}
+    assert {r["flags"].split()[0] for r in rows if r["kernel"] == "fwd"} == {"norm=l1", "norm=l2sq", "norm=huber",
+                                                                         "norm=band"}
     assert all(0 < int(r["regs"]) <= 255 for r in rows)
     assert "target sm_90" in result.stdout
 
