@@ -161,6 +161,8 @@ class CheckpointManager:
         path = self.latest() if choice == "auto" else Path(choice)
         if path is None:
             return None
+        if choice != "auto" and not path.is_dir():   # a typo: its parent is no run of ours to remove
+            raise CheckpointError(f"checkpoint.resume = '{path}': no such checkpoint directory")
         note = None
         problem = verify_manifest(path) if (path / STATE_FILE).is_file() else None   # else read_state names it
         if problem is not None:

@@ -51,6 +51,13 @@ def test_resume_from_another_runs_checkpoint_names_the_other_files(procon_run, t
         run(tmp_path / "new", "max_steps=3", f"resume={other}")
 
 
+def test_resume_pointing_at_no_checkpoint_names_it_without_advising_to_remove_its_parent(tmp_path):
+    missing = tmp_path / "typo" / "step_000002"
+    with pytest.raises(ValueError, match=rf"checkpoint.resume = '{missing}': no such checkpoint directory") as info:
+        run(tmp_path / "new", f"resume={missing}")
+    assert "remove" not in str(info.value)
+
+
 def test_report_skips_a_line_still_being_written_and_names_a_broken_one(procon_run, tmp_path, capsys):
     run_dir = copy_of(procon_run, tmp_path)
     metrics = run_dir / "metrics.jsonl"
