@@ -148,6 +148,7 @@ def load_weights(model: nn.Module, directory: Path, files: list[Path], *, seed: 
     """Fill every parameter and persistent buffer of ``model`` (plain or FSDP-sharded) from the
     safetensors ``files``; LoRA adapters get their default init from ``seed``."""
     import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -155,6 +156,14 @@ def load_weights(model: nn.Module, directory: Path, files: list[Path], *, seed: 
     for path in files:
         for name, info in read_header(path).items():
             stored[name] = (path, info)
+    # the storage reader opens every *.safetensors in the directory (an export's directions file
+    # too): a damaged header there is named here, not deep in a logged traceback
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     state = model.state_dict(keep_vars=True)
     expected = {checkpoint_name(key) for key in state if not LORA_PARAM.search(key)}
     unknown = sorted(set(stored) - expected)

@@ -38,3 +38,19 @@ def test_nan_weights_are_named_by_file_and_tensor_where_they_are_read(tmp_path):
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"{file}: tensor '{name}' has non-finite values \(NaN or inf\)"):
         load_model(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "directions.safetensors"])
+def test_a_safetensors_file_with_a_damaged_header_is_named(tmp_path, damaged):
+    import torch
+    from safetensors.torch import save_file
+    loaded = load_model("tiny")
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    save_file({"r": torch.ones(4, 8)}, tmp_path / "m" / "directions.safetensors")   # as an export leaves it
+    file = tmp_path / "m" / damaged
+    data = file.read_bytes()
+    at = data.index(b'"dtype"')   # the JSON stays valid; a tensor loses its dtype field
+    file.write_bytes(data[:at] + b'"dtyp_"' + data[at + 7:])
+    with pytest.raises(ValueError, match=rf"{file}: not a readable safetensors file \(.*missing field `dtype`"):
+        load_model(str(tmp_path / "m"))
