@@ -138,6 +138,36 @@ def test_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
     assert compared(read_metrics(tmp_path)) == compared(read_metrics(base_run))   # bitwise equal on CPU fp32
 
 
+def test_harmless_changes_on_resume_give_bitwise_the_same_steps(base_run, tmp_path, monkeypatch):
+    """checkpoint_every and keep_checkpoints changed on resume: the steps are bitwise those of the
+    uninterrupted run (and no override is needed; log_every changes only which interval means are logged)."""
+    original = Trainer.step
+
+    def crash_at_step_6(self, step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "step", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, assets=base_run)
+    monkeypatch.undo()
+    result = run(tmp_path, "checkpoint_every=2", "keep_checkpoints=3", assets=base_run)
+    assert result.start_step == 4
+    assert compared(read_metrics(tmp_path)) == compared(read_metrics(base_run))
+
+
+def test_a_longer_run_on_resume_continues_bitwise_when_the_lr_does_not_depend_on_it(tmp_path):
+    """max_steps raised on resume: with a constant LR after warm-up (min_lr_ratio = 1) the steps equal
+    those of a run that had the longer max_steps from the start (with a cosine decay the resumed run
+    follows the new schedule, which the trainer announces)."""
+    flat = ("min_lr_ratio=1.0", "checkpoint_every=2")
+    run(tmp_path / "whole", *flat)
+    run(tmp_path / "resumed", *flat, "max_steps=4")
+    run(tmp_path / "resumed", *flat)
+    assert compared(read_metrics(tmp_path / "resumed")) == compared(read_metrics(tmp_path / "whole"))
+
+
 @pytest.mark.parametrize("crash_point", ["before_rename", "before_latest"])
 def test_interrupted_checkpoint_write_does_not_break_resume(base_run, tmp_path, monkeypatch, crash_point):
     saves = []
