@@ -72,6 +72,9 @@ def resolve_data_path(spec: str | Path) -> Path:
     if isinstance(spec, str) and spec in BUILTIN_SETS:
         return builtin_path(spec)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"data file {path} is a directory: give a .json or .jsonl file (or a built-in set: "
+                                f"{', '.join(BUILTIN_SETS)})")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path} (or use a built-in set: {', '.join(BUILTIN_SETS)})")
     return path

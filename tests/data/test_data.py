@@ -167,6 +167,8 @@ def test_builtin_sets():
         builtin_path("nope")
     with pytest.raises(FileNotFoundError, match="data file not found"):
         resolve_data_path("nope")
+    with pytest.raises(FileNotFoundError, match=r"data file .* is a directory: give a \.json or \.jsonl file"):
+        resolve_data_path(builtin_path("benign").parent)
 
 
 # ---------------------------------------------------------------------------------------------
