@@ -174,7 +174,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     or a crash mid-append) is left out, as a resume drops it; a line elsewhere that is not a JSON
     object is a ValueError naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().split("\n")
+    text = path.read_text()
+    lines = text.split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []
     for i, line in enumerate(lines):
@@ -183,7 +184,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         try:
             record = json.loads(line)
         except ValueError as err:
-            if i == last and not path.read_text().endswith("\n"):   # still being written
+            if i == last and not text.endswith("\n"):   # still being written
                 continue
             raise ValueError(f"{path} line {i + 1} is not valid JSON ({err}); fix or remove that line") from None
         if not isinstance(record, dict):

@@ -120,7 +120,8 @@ def test_warmup_switches_the_penalty_off(base_run, tmp_path, monkeypatch, capsys
         assert (tmp_path / "tensorboard").is_dir()
 
 
-def test_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
+def run_killed_at_step_6(run_dir, base_run, monkeypatch):
+    """The base run's settings in ``run_dir``, killed during step 6 (checkpoint at 4)."""
     original = Trainer.step
 
     def crash_at_step_6(self, step):
@@ -130,9 +131,13 @@ def test_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "step", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, assets=base_run)
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+        run(run_dir, assets=base_run)
     monkeypatch.undo()
+
+
+def test_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
+    run_killed_at_step_6(tmp_path, base_run, monkeypatch)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
     result = run(tmp_path, assets=base_run)
     assert result.start_step == 4
     assert compared(read_metrics(tmp_path)) == compared(read_metrics(base_run))   # bitwise equal on CPU fp32
@@ -141,17 +146,7 @@ def test_kill_and_resume_equals_uninterrupted(base_run, tmp_path, monkeypatch):
 def test_harmless_changes_on_resume_give_bitwise_the_same_steps(base_run, tmp_path, monkeypatch):
     """checkpoint_every and keep_checkpoints changed on resume: the steps are bitwise those of the
     uninterrupted run (and no override is needed; log_every changes only which interval means are logged)."""
-    original = Trainer.step
-
-    def crash_at_step_6(self, step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "step", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, assets=base_run)
-    monkeypatch.undo()
+    run_killed_at_step_6(tmp_path, base_run, monkeypatch)
     result = run(tmp_path, "checkpoint_every=2", "keep_checkpoints=3", assets=base_run)
     assert result.start_step == 4
     assert compared(read_metrics(tmp_path)) == compared(read_metrics(base_run))
