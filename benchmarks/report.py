@@ -187,7 +187,7 @@ def _span(values: list[float], fmt: str) -> str:
 
 
 def penalty_headline(rows: list[dict], tag: str) -> list[str]:
-    """The issue's penalty targets as measured: CPU N=8192 D=2048 fp32; GPU bf16 with N x D >= 2^26.
+    """The penalty's goals as measured: CPU N=8192 D=2048 fp32; GPU bf16 with N x D >= 2^26.
     Forward + backward, masked rows when measured."""
     full = [r for r in rows if r["mode"] == "full"]
     if any(r["masked"] == "True" for r in full):
@@ -230,7 +230,7 @@ def train_headline(rows: list[dict], tag: str) -> list[str]:
 
 
 def headline(results: Path) -> list[str]:
-    """Measured values for the issue's targets, from every CSV in ``results``."""
+    """Measured values for the goals, from every CSV in ``results``."""
     lines = []
     for path in sorted(results.glob("penalty_*.csv")):
         lines += penalty_headline(harness.read_csv(path, PENALTY_FIELDS), path.stem.split("_", 1)[1])
@@ -260,7 +260,7 @@ def write_report(results: Path) -> list[Path]:
     penalty = sorted(results.glob("penalty_*.csv"))
     train = sorted(results.glob("train_*.csv"))
     tags = sorted({p.stem.split("_", 1)[1] for p in penalty + train})
-    md += ["## Headline (the targets of issue 5, as measured)", "", *headline(results), ""]
+    md += ["## Headline (the goals, as measured)", "", *headline(results), ""]
     if not any(t != "cpu" for t in tags):
         md += ["**GPU numbers are not measured yet**: run `bash benchmarks/gpu_check.sh` on a CUDA machine "
                "and commit its CSVs here.", ""]
