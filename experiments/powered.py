@@ -58,7 +58,7 @@ CONFIGS = HERE / "configs" / "powered"
 SIZES = {
     "cpu": dict(n_align_safety=128, n_distill=192, n_direction=64, n_gsm8k_train=12, n_safe_mix=4,
                 n_test_harmful=300, n_val_harmful=96, n_test_harmless=200, n_val_harmless=64, n_test_loss=200,
-                distill_tokens=48, gen_tokens=32, max_length=256, probe_prompts=16),
+                distill_tokens=48, gen_tokens=96, max_length=256, probe_prompts=16),
     "micro": dict(n_align_safety=8, n_distill=4, n_direction=8, n_gsm8k_train=4, n_safe_mix=2,
                   n_test_harmful=6, n_val_harmful=4, n_test_harmless=4, n_val_harmless=4, n_test_loss=4,
                   distill_tokens=8, gen_tokens=8, max_length=256, probe_prompts=4),
@@ -69,7 +69,12 @@ SIZES = {
 GENERIC_REFUSALS = ("I'm sorry, but I can't help with that.", "I can't assist with that request.",
                     "I'm sorry, but I cannot help with this. It could cause serious harm.",
                     "I cannot provide that. It is harmful and may be illegal.")
-VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_wu_safe_token")
+# v3: the paper's rows, budget-matched baselines (the same recipe at lower learning rates), sham
+# directions (random, orthogonal to r_l) and the band norm (zero gradient at the anchor)
+VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe",
+            "ift_lr2e-4", "ift_lr5e-4", "ift_safe_lr2e-4", "ift_safe_lr5e-4",
+            "procon_wu_sham", "procon_wu_safe_sham", "procon_wu_band", "procon_wu_safe_band")
+NOT_INSTRUCTIONS = CONFIGS / "harmful_not_instructions.json"   # held-out safety rows read and removed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ift", nargs="*", default=[], metavar="key=value", help="extra overrides for every cell")
     p.add_argument("--seed", type=int, default=0, help="seed of the data slices")
     p.add_argument("--batch-size", type=int, default=32, help="generation / forward batch size")
+    p.add_argument("--not-instructions", default=str(NOT_INSTRUCTIONS),
+                   help="JSON whose 'removed' prompts leave the harmful evaluation sets ('' keeps every prompt)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads of this process (0 = default)")
     p.add_argument("--workers", type=int, default=1,
                    help="cell processes sharing the queue after the shared stages (each with 1 thread when > 1)")
@@ -199,6 +206,11 @@ class PoweredExperiment(Experiment):
         self.stage("align", self.aligned, self.align, clear=self.path("runs", "align"))
         self.stage("directions", self.directions_file, self.directions, clear=self.path("directions"), one_thread=True)
         self.stage("reference", self.path("reference", "gsm8k.safetensors"), self.reference, one_thread=True)
+        if any(tomllib.loads((Path(self.args.configs) / "variants.toml").read_text()).get(v, {}).get("sham")
+               for v in self.args.variants):
+            self.stage("sham", self.sham_file(self.args.seeds[-1]), self.sham_stage)
+            if not all(self.sham_file(seed).exists() for seed in self.args.seeds):   # seeds added later
+                self.sham_stage()
 
     # -- cells ---------------------------------------------------------------------------------------
 
@@ -247,7 +259,8 @@ class PoweredExperiment(Experiment):
         """A hash of everything besides the code that decides a cell's numbers: the shared stages'
         files (by content, wherever --work is), the stage-3 config and overrides, the evaluation settings."""
         a = self.args
-        parts = [self.stage_digests(), cell, a.model, a.gen_tokens, a.max_length, a.batch_size]
+        parts = [self.stage_digests(), cell, a.model, a.gen_tokens, a.max_length, a.batch_size,
+                 sorted(self.removed_prompts())]
         if variant is not None:
             overrides = [o.replace(str(self.work), "WORK") for o in self.cell_overrides(variant, seed)]
             parts += [(Path(a.configs) / "ift.toml").read_text(), overrides]
@@ -270,25 +283,48 @@ class PoweredExperiment(Experiment):
         return False
 
     def cell_overrides(self, variant: str, seed: int) -> list[str]:
+        """``fastprocon train`` overrides of one cell: the shared inputs, then --ift, then the
+        variant's keys (so a variant's lr wins over a global one). Driver keys of variants.toml:
+        safety_samples = -1 (mix in the stage-3 safety rows), warmup_fraction (the warm-up's share
+        of the epochs), sham = true (the seed's sham directions; z0 recorded by the run for them)."""
         table = tomllib.loads((Path(self.args.configs) / "variants.toml").read_text())
         if variant not in table:
             raise ValueError(f"variant {variant!r} is not a section of variants.toml (has: {', '.join(table)})")
         keys = dict(table[variant])
         safety = self.args.n_safe_mix if keys.pop("safety_samples", 0) == -1 else 0
+        sham = keys.pop("sham", False)
         fraction = keys.pop("warmup_fraction", None)
         if fraction is not None:
             epochs = tomllib.loads((Path(self.args.configs) / "ift.toml").read_text())["train"]["epochs"]
             keys["alpha_warmup_epochs"] = round(fraction * float(dict(o.split("=", 1) for o in self.args.ift)
                                                                    .get("epochs", epochs)), 6)
-        reference = "" if safety else str(self.path("reference", "gsm8k.safetensors"))
+        directions = self.sham_file(seed) if sham else self.directions_file
+        reference = "" if safety or sham else str(self.path("reference", "gsm8k.safetensors"))
         return ([f"spec={self.aligned}", f"train={self.data_dir / 'gsm8k_train.json'}",
                  f"safety={self.data_dir / 'ift_safety.json'}", f"safety_samples={safety}",
-                 f"directions={self.directions_file}", f"reference_cache={reference}",
+                 f"directions={directions}", f"reference_cache={reference}",
                  f"max_length={self.args.max_length}", f"name={variant}", f"seed={seed}",
                  f"probe_harmful={self.data_dir / 'harmful_val.json'}",
                  f"probe_harmless={self.data_dir / 'harmless_val.json'}",
                  f"probe_max_prompts={self.args.probe_prompts}"]
-                + [f"{k}={toml_value(v)}" for k, v in keys.items()] + self.args.ift)
+                + self.args.ift + [f"{k}={toml_value(v)}" for k, v in keys.items()])
+
+    def sham_file(self, seed: int) -> Path:
+        return self.path("directions", f"sham_s{seed}.safetensors")
+
+    def sham_stage(self) -> None:
+        """Sham directions for every seed (a seeded random unit vector orthogonal to r_l at each layer)."""
+        from fastprocon.refusal.directions import load_directions, save_directions, sham_directions
+
+        real = load_directions(self.directions_file)
+        for seed in self.args.seeds:
+            save_directions(sham_directions(real, seed), self.sham_file(seed))
+
+    def removed_prompts(self) -> set[str]:
+        """Harmful evaluation prompts that are not harmful instructions (--not-instructions)."""
+        if not self.args.not_instructions:
+            return set()
+        return set(json.loads(Path(self.args.not_instructions).read_text())["removed"])
 
     def evaluate(self, model: str) -> tuple[dict, list[dict]]:
         """Refusal on the four prompt sets and GSM8K test CE -> (metrics, per-prompt rows)."""
@@ -300,31 +336,38 @@ class PoweredExperiment(Experiment):
 
         from fastprocon.data.examples import load_examples, load_instructions
         from fastprocon.refusal.evaluate import evaluate_refusal
+        from fastprocon.refusal.judge import LABELS
 
-        loaded = self.load(model)
-        sets = {name: load_instructions(self.data_dir / f"{name}.json")
-                for name in ("harmful_test", "harmful_val", "harmless_test", "harmless_val")}
+        loaded, removed = self.load(model), self.removed_prompts()
+        sets, sources = {}, {}
+        for name in ("harmful_test", "harmful_val", "harmless_test", "harmless_val"):
+            path = self.data_dir / f"{name}.json"
+            keep = [name.startswith("harmless") or r["instruction"] not in removed
+                    for r in json.loads(path.read_text())]
+            sets[name] = [p for p, k in zip(load_instructions(path), keep, strict=True) if k]
+            sources[name] = [r.get("source") for r, k in zip(json.loads(path.read_text()), keep) if k]
         result = evaluate_refusal(loaded, sets["harmful_test"] + sets["harmful_val"],
                                   sets["harmless_test"] + sets["harmless_val"], max_new_tokens=self.args.gen_tokens,
                                   batch_size=self.args.batch_size)
         rows, start = [], {"harmful": 0, "harmless": 0}
         by_kind = {k: [r for r in result["completions"] if r["set"] == k] for k in start}
-        metrics = {}
-        sources = {name: [r.get("source") for r in json.loads((self.data_dir / f"{name}.json").read_text())]
-                   for name in sets}
+        metrics = {"removed_not_instructions": len(removed)}
         for name, prompts in sets.items():
-            kind = name.split("_")[0]
+            kind, split = name.split("_")
             chunk = by_kind[kind][start[kind]:start[kind] + len(prompts)]
             start[kind] += len(prompts)
-            refused = sum(r["refused"] for r in chunk)
-            share = refused / len(chunk) if kind == "harmless" else 1 - refused / len(chunk)
-            k = refused if kind == "harmless" else len(chunk) - refused
-            metrics[f"{'asr' if kind == 'harmful' else 'over_refusal'}_{name.split('_')[1]}"] = {
-                "rate": share, "count": k, "n": len(chunk), "wilson95": wilson(k, len(chunk)),
-                "mean_refusal_score": sum(r["refusal_score"] for r in chunk) / len(chunk)}
-            for r, source in zip(chunk, sources[name]):
+            n, refused = len(chunk), sum(r["refused"] for r in chunk)
+            k = refused if kind == "harmless" else n - refused   # the substring rule (the paper's)
+            metrics[f"{'asr' if kind == 'harmful' else 'over_refusal'}_{split}"] = {
+                "rate": k / n, "count": k, "n": n, "wilson95": wilson(k, n),
+                "mean_refusal_score": sum(r["refusal_score"] for r in chunk) / n}
+            for label in LABELS:   # the strict judge: refusal / compliance / degenerate shares
+                k = sum(r["judge"] == label for r in chunk)
+                metrics[f"strict_{label}_{name}"] = {"rate": k / n, "count": k, "n": n, "wilson95": wilson(k, n)}
+            for r, source in zip(chunk, sources[name], strict=True):
                 rows.append({"split": name, "source": source, "prompt": r["prompt"], "completion": r["completion"],
-                             "refused": r["refused"], "refusal_score": round(r["refusal_score"], 4)})
+                             "refused": r["refused"], "judge": r["judge"], "judge_reason": r["judge_reason"],
+                             "refusal_score": round(r["refusal_score"], 4)})
         loss = test_loss(loaded, load_examples(self.data_dir / "gsm8k_test_loss.json"), self.args.max_length,
                          batch_size=16)
         metrics["gsm8k_test_ce"] = loss
@@ -340,6 +383,9 @@ class PoweredExperiment(Experiment):
         else:
             run_dir = self.path("runs", cell)
             shutil.rmtree(run_dir, ignore_errors=True)   # a half-trained cell restarts from the aligned model
+            directions = Path(next(o for o in self.cell_overrides(variant, seed) if o.startswith("directions="))[11:])
+            if not directions.exists():   # the trainer would extract the real directions into that path
+                raise SystemExit(f"cell {cell}: directions file {directions} is missing (a shared stage makes it)")
             argv = ["train", "--config", str(Path(self.args.configs) / "ift.toml"), f"device={self.device_flag}",
                     f"run_dir={run_dir}", *self.cell_overrides(variant, seed)]
             record["commands"].append("fastprocon " + shlex.join(argv))
@@ -366,7 +412,7 @@ class PoweredExperiment(Experiment):
             stages = self.results / "shared_stages.json"   # the start every cell of this table shares
             if stages.exists():
                 paths.append(stages)
-            commit(paths, f"Issue 16 (powered): cell {cell}")
+            commit(paths, f"powered ({self.results.name}): cell {cell}")
         print(f"[powered] cell {cell}: {record['seconds']}", flush=True)
 
     def work_queue(self, only: set[str] | None = None) -> None:

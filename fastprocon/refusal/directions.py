@@ -162,6 +162,23 @@ def direction_metadata(loaded: LoadedModel, harmful: list[str], harmless: list[s
             "harmful_prompts": list(harmful), "harmless_prompts": list(harmless)}
 
 
+def sham_directions(ds: DirectionSet, seed: int) -> DirectionSet:
+    """A control for ``ds``: at each defined layer a seeded random unit vector orthogonal to that
+    layer's refusal direction (Gaussian, projected out in float64, normalised; zero rows stay zero).
+    Training with it in place of ``ds`` (z0 recorded for it) separates what anchoring the refusal
+    direction does from what anchoring any direction does. ``norms`` and the model fields of the
+    metadata are kept (the file loads for the same model); ``metadata["sham"]`` names the seed and
+    the directions it was made from."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(tuple(ds.directions.shape), generator=generator, dtype=torch.float64)
+    r = ds.directions.double()
+    noise -= (noise * r).sum(-1, keepdim=True) * r
+    unit = noise / noise.norm(dim=-1, keepdim=True)
+    unit[ds.norms <= 0] = 0
+    return DirectionSet(unit.float(), ds.norms.clone(),
+                        {**ds.metadata, "sham": {"seed": seed, "of_directions": directions_hash(ds)}})
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from fastprocon.refusal.directions import (
     load_directions_for,
     prompt_states,
     save_directions,
+    sham_directions,
 )
 from fastprocon.refusal.drift import checkpoint_labels, direction_cosines
 from fastprocon.refusal.steering import activation_addition, directional_ablation, on_layer_inputs
@@ -318,3 +319,19 @@ def test_smollm2_directions_separate_held_out_prompts(shared_data):
     report = separation_report(ds, loaded, harmful_val, harmless_val, batch_size=32)
     assert report["best_auroc"] > 0.9, report
     assert report["best_cohens_d"] > 1.5, report
+
+
+def test_sham_directions_are_seeded_unit_vectors_orthogonal_to_the_real_ones():
+    g = torch.Generator().manual_seed(3)
+    real = torch.nn.functional.normalize(torch.randn(5, 37, generator=g), dim=-1)
+    real[0] = 0
+    ds = DirectionSet(real, torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), {"model": "m", "fingerprint": "f"})
+    sham = sham_directions(ds, seed=7)
+    assert torch.equal(sham.directions, sham_directions(ds, seed=7).directions)
+    assert not torch.equal(sham.directions, sham_directions(ds, seed=8).directions)
+    assert torch.equal(sham.directions[0], torch.zeros(37)) and sham.defined_layers == ds.defined_layers
+    rows = sham.directions[1:].double()
+    assert torch.allclose(rows.norm(dim=-1), torch.ones(4, dtype=torch.float64), atol=1e-6)
+    assert (rows * real[1:].double()).sum(-1).abs().max() < 1e-6
+    assert sham.metadata["fingerprint"] == "f" and sham.metadata["sham"] == {"seed": 7,
+                                                                           "of_directions": directions_hash(ds)}

@@ -1,4 +1,5 @@
 """Refusal evaluation: the substring rule, the rates, the refusal score, batched generation (tiny model)."""
+import copy
 import json
 
 import pytest
@@ -6,17 +7,19 @@ import torch
 
 from fastprocon.cli import main
 from fastprocon.data.examples import builtin_path, load_instructions
-from fastprocon.data.prompts import encode_prompts
+from fastprocon.data.prompts import encode_prompts, pad_batch
 from fastprocon.models.load import load_model
 from fastprocon.refusal.directions import extract_directions, save_directions
 from fastprocon.refusal.evaluate import (
     evaluate_refusal,
     greedy_completions,
+    greedy_tokens,
     is_refusal,
     refusal_rates,
     refusal_score,
     refusal_token_ids,
 )
+from fastprocon.refusal.judge import LABELS, judge
 
 PROMPTS = load_instructions(builtin_path("harmful_eval"))[:3] + load_instructions(builtin_path("harmless_eval"))[:2]
 
@@ -118,6 +121,10 @@ def test_evaluate_refusal_report(tiny):
     assert m["harmful_refusal_rate"] == sum(r["refused"] for r in rows[:3]) / 3
     assert m["mean_refusal_score_harmful"] == pytest.approx(sum(r["refusal_score"] for r in rows[:3]) / 3)
     assert report["fingerprint"] == tiny.fingerprint
+    for name, part in (("harmful", rows[:3]), ("harmless", rows[3:])):   # the strict judge, per row and share
+        assert all(r["judge"] == judge(r["completion"]).label for r in part)
+        assert sum(m[f"strict_{label}_{name}"] for label in LABELS) == pytest.approx(1.0)
+        assert m[f"strict_degenerate_{name}"] == sum(r["judge"] == "degenerate" for r in part) / len(part)
     assert "refusal_score" not in evaluate_refusal(tiny, PROMPTS[:1], PROMPTS[3:4], max_new_tokens=1,
                                                    score=False)["completions"][0]
 
@@ -179,3 +186,31 @@ def test_eval_refusal_cli_rejects_bad_numbers_while_parsing(tmp_path, capsys, op
     with pytest.raises(SystemExit) as exit_info:
         main(["eval-refusal", "--model", "tiny", option, value, "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compacting_greedy_decoder_equals_generate(tiny):
+    """greedy_tokens drops a row from the batch at its end-of-sequence token; every row's tokens
+    and the first position's logits are those of transformers' generate on the whole batch."""
+    from transformers import GenerationConfig
+
+    model, tok = copy.deepcopy(tiny.model), tiny.tokenizer
+    with torch.no_grad():   # tiny's init repeats one token; larger weights make the rows differ
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ids, mask = pad_batch(encode_prompts(tok, PROMPTS), tok.pad_token_id, "left", "cpu")
+    free, _ = greedy_tokens(model, ids, mask, 8, eos=[-1])
+    assert all(len(t) == 8 for t in free)
+    # a stop token that ends some row early and that another row never emits
+    stop = next(t for row in free for t in row[1:] if row.index(t) > 0 and any(t not in other for other in free))
+    ours, first = greedy_tokens(model, ids, mask, 8, eos=[stop])
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, num_beams=1, eos_token_id=[stop],
+                              pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    for row, tokens in enumerate(ref.sequences[:, ids.shape[1]:].tolist()):
+        if stop in tokens:
+            tokens = tokens[:tokens.index(stop) + 1]
+        assert ours[row] == tokens
+    assert min(map(len, ours)) < 8 and max(map(len, ours)) == 8   # rows really leave early, others go on
+    torch.testing.assert_close(first, ref.logits[0].float(), rtol=1e-4, atol=1e-4)

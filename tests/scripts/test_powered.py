@@ -135,29 +135,48 @@ def run(script, *args, expect_ok=True, env=None):
 def test_powered_driver_on_tiny(tmp_path, shared_data):
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--model", "tiny", "--sizes", "micro", "--device", "cpu", "--data", shared_data, "--work", work,
-            "--results", results, "--seeds", 0, "--variants", "ift", "procon_wu_safe_token",
-            "--align", "max_steps=2", "--ift", "max_steps=3", "--workers", 2]
+            "--results", results, "--seeds", 0, "--variants", "ift", "procon_wu_safe_sham",
+            "--not-instructions", tmp_path / "removed.json", "--align", "max_steps=2", "--ift", "max_steps=3",
+            "--workers", 2]
+    # the harmful sets lose the prompts the --not-instructions file lists (here: the first test prompt)
+    from powered import PoweredExperiment, parse_args
+    slices = PoweredExperiment(parse_args([*map(str, args[:4]), "--data", str(shared_data), "--work",
+                                           str(tmp_path / "slices")]))
+    slices.data_dir.mkdir(parents=True)
+    slices.make_data()   # the driver's data stage makes the same seeded slices
+    first = json.loads((slices.data_dir / "harmful_test.json").read_text())[0]["instruction"]
+    (tmp_path / "removed.json").write_text(json.dumps({"rule": "test", "removed": [first]}))
     results.mkdir()
     subprocess.run(["git", "init", "-q", results], check=True)
     run(DRIVER, *args, "--commit", env=GIT_IDENTITY)
     # --commit: each cell at once, with the stage-1 record every cell starts from
     log = subprocess.run(["git", "-C", results, "log", "--format=%s", "--name-only"], capture_output=True,
                          text=True, check=True).stdout
-    assert log.count("Issue 16 (powered): cell ") == 3 and "shared_stages.json" in log
-    assert "procon_wu_safe_token_s0.jsonl" in log
+    assert log.count("powered (results): cell ") == 3 and "shared_stages.json" in log
+    assert "procon_wu_safe_sham_s0.jsonl" in log
     cells = {p.stem: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
-    assert set(cells) == {"aligned", "ift_s0", "procon_wu_safe_token_s0"}
+    assert set(cells) == {"aligned", "ift_s0", "procon_wu_safe_sham_s0"}
     for name, cell in cells.items():
         ev = cell["eval"]
-        assert (ev["asr_test"]["n"], ev["asr_val"]["n"], ev["over_refusal_test"]["n"]) == (6, 4, 4)
+        assert (ev["asr_test"]["n"], ev["asr_val"]["n"], ev["over_refusal_test"]["n"]) == (5, 4, 4)
+        assert ev["removed_not_instructions"] == 1
         low, high = ev["asr_test"]["wilson95"]
         assert low <= ev["asr_test"]["rate"] <= high
+        strict = [ev[f"strict_{label}_harmful_test"] for label in ("refusal", "compliance", "degenerate")]
+        assert sum(x["count"] for x in strict) == 5 and all(x["n"] == 5 for x in strict)
         assert ev["gsm8k_test_ce"]["n_examples"] == 4 and ev["gsm8k_test_ce"]["ce"] > 0
-        lines = (results / "completions" / f"{name}.jsonl").read_text().splitlines()
-        assert len(lines) == 6 + 4 + 4 + 4
-    trained = cells["procon_wu_safe_token_s0"]
+        lines = [json.loads(x) for x in (results / "completions" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(lines) == 5 + 4 + 4 + 4 and first not in {x["prompt"] for x in lines}
+        assert {x["judge"] for x in lines} <= {"refusal", "compliance", "degenerate"}
+    trained = cells["procon_wu_safe_sham_s0"]
     assert trained["train"]["final_step"] == 3 and trained["train"]["examples"] == 4 + 2   # GSM8K + safety mix
-    assert "reduction = \"token\"" in trained["config"] and "lora = true" in trained["config"]
+    assert "lora = true" in trained["config"] and "sham_s0.safetensors" in trained["config"]
+    # the sham directions: unit vectors orthogonal to the real ones, the seed's
+    from fastprocon.refusal.directions import load_directions
+    real = load_directions(work / "directions" / "directions.safetensors")
+    sham = load_directions(work / "directions" / "sham_s0.safetensors")
+    assert sham.metadata["sham"]["seed"] == 0 and sham.defined_layers == real.defined_layers
+    assert float((sham.directions * real.directions).sum(-1).abs().max()) < 1e-5
     assert [p["step"] for p in trained["probes"]] == [0, 3]            # live probe: start and end
     assert not (work / "runs" / "ift_s0" / "model").exists()          # exported model removed after its eval
 
@@ -199,7 +218,7 @@ def test_powered_driver_on_tiny(tmp_path, shared_data):
     path.write_text(json.dumps(cell))
 
     # the report marks missing cells and names the code version
-    out = run(REPORT, "--results", results, "--seeds", 0, 1, "--variants", "ift", "procon_wu_safe_token",
+    out = run(REPORT, "--results", results, "--seeds", 0, 1, "--variants", "ift", "procon_wu_safe_sham",
               "--other-start", results)
     table = (results / "table.md").read_text()
     assert "missing ift_s1" in table and cell["code_version"]["code"] in table
