@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"harmful: refusal {m['harmful_refusal_rate']:.1%}, ASR {m['attack_success_rate']:.1%} "
           f"({m['n_harmful']} prompts); harmless: over-refusal {m['over_refusal_rate']:.1%} "
           f"({m['n_harmless']} prompts); wrote {args.out}")
+    if m["n_harmful"] and m["n_harmless"]:
+        print(f"strict judge: harmful answered {m['strict_compliance_harmful']:.1%}, refused "
+              f"{m['strict_refusal_harmful']:.1%}, degenerate {m['strict_degenerate_harmful']:.1%}; harmless refused "
+              f"{m['strict_refusal_harmless']:.1%}, degenerate {m['strict_degenerate_harmless']:.1%}")
     return 0
 
 
