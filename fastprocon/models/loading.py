@@ -5,13 +5,17 @@ into this process's shards (torchtitan's start-up: no full copy of the model on 
 
 1. build the model on the meta device from ``config.json`` (no memory, no init);
 2. ``wrap(model)``: the caller's LoRA / activation checkpointing / ``fully_shard`` (still meta);
-3. ``to_empty(device)``, then rebuild the non-persistent buffers (rotary ``inv_freq``), which
-   ``to_empty`` leaves as garbage;
-4. ``dcp.load`` with ``HuggingFaceStorageReader``: each process reads only the slices of its own
+3. ``to_empty(device)``, then rebuild the non-persistent buffers (rotary ``inv_freq``, Gemma's
+   ``embed_scale``), which ``to_empty`` leaves as garbage, with the model's own ``_init_weights``
+   as ``from_pretrained`` does;
+4. map the file tensors to the model's by transformers' own conversion rules (renamed keys such
+   as GPT-NeoX's ``embed_out``; per-expert tensors fused into one, :mod:`fastprocon.models.conversion`);
+5. ``dcp.load`` with ``HuggingFaceStorageReader``: each process reads only the slices of its own
    shards from the (memory-mapped) safetensors files, converting dtype on the way (bf16 files
-   into fp32 master weights); tied embeddings are loaded once; PEFT names map to the file's;
-   LoRA adapters (not in the files) get PEFT's default init from ``seed``, the same values
-   whatever the process count.
+   into fp32 master weights); fused tensors are converted by transformers' ``WeightConverter``
+   from what each process reads (a fused expert tensor: only its experts); tied embeddings are
+   loaded once; PEFT names map to the file's; LoRA adapters (not in the files) get PEFT's
+   default init from ``seed``, the same values whatever the process count.
 
 Every file is checked against the model before anything is read (a missing tensor, a wrong
 shape, a truncated file), so bad input is one line naming the file and the tensor.
