@@ -3,6 +3,9 @@ stated tolerance) on the loaded model: checked at start-up; model.compile = "aut
 eager layers saying so in one line, "on" refuses. Inductor on CPU on the tiny model (one small
 compilation); the failures through a test backend whose kernels are off by a set factor."""
 import functools
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +104,42 @@ def test_the_trainer_checks_compiled_layers_at_start_up(tmp_path, monkeypatch, c
     assert len(lines) == 1 and "the layers run eagerly" in lines[0], lines
     with pytest.raises(ValueError, match="^config model.compile = 'on', but compiled decoder layer 0 differs"):
         first_step_ce(tmp_path / "on", "compile=on")
+
+
+def worker(out: str) -> None:
+    """Under torchrun (2 processes, gloo): the check on FSDP2-sharded compiled layers, once with
+    layers that agree (dynamo's graph run eagerly) and once with layers that differ."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    with torch.no_grad():
+        reference = load_model("tiny").model(IDS).logits
+    results = {}
+    for name, backend in (("agree", "eager"), ("differ", scaling_backend(1.1))):
+        torch._dynamo.reset()
+
+        def wrap(model, backend=backend):
+            D.compile_decoder_layers(decoder_layers(model), backend=backend)
+            return D.shard_for_inference(model)
+        model = load_model("tiny", wrap=wrap).model
+        with torch.no_grad():
+            keep, note = use_compiled_layers("auto", model)
+            results[name] = {"keep": keep, "note": note, "equal": torch.equal(model(IDS).logits, reference)}
+    (Path(out) / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_the_check_runs_on_sharded_layers_under_two_processes(tmp_path):
+    from test_train_distributed import torchrun
+
+    torchrun(Path(__file__), tmp_path, nproc=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["agree"] == {"keep": True, "note": None, "equal": True}
+    differ = ranks[0]["differ"]
+    assert not differ["keep"] and differ["note"].startswith("compiled layers off: compiled decoder layer 0 differs")
+    assert differ["equal"]   # eager layers from then on
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
