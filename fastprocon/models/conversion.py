@@ -33,9 +33,12 @@ class ConversionPlan:
 
 def conversion_rules(model: nn.Module) -> list:
     """The ``WeightRenaming`` / ``WeightConverter`` list ``from_pretrained`` applies to ``model``'s
-    checkpoints (``model``: the transformers model itself, before any wrapping)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
+    checkpoints (``model``: the transformers model itself, before any wrapping); none before
+    transformers 5, which loaded checkpoints as they are."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return []
     return get_model_conversion_mapping(model)
 
 
@@ -45,6 +48,10 @@ def plan_conversion(file_tensors, model_tensors: dict[str, torch.Tensor], rules:
     renamings, then at most one converter), as ``convert_and_load_state_dict_in_model`` does.
     ``model_tensors``: {model state-dict name: tensor}; sources of a converter are collected in
     transformers' order (natural sort: expert 0, 1, ..., 10)."""
+    if not rules:   # every file tensor under its own name (and no transformers 5 machinery needed)
+        known = [key for key in file_tensors if key in model_tensors]
+        return ConversionPlan(direct={key: key for key in known},
+                              unexpected=sorted(key for key in file_tensors if key not in model_tensors))
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
     renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]

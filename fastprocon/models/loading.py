@@ -158,29 +158,35 @@ def restore_buffers(model: nn.Module, base: nn.Module, device: torch.device) -> 
     own ``_init_weights`` on each module holding some, with every parameter and persistent buffer
     flagged as loaded (transformers' init functions then leave them alone; the weights are loaded
     afterwards anyway). A buffer it leaves unset (NaN before, NaN after) is rebuilt the older way
-    where its module is parameter-free and made from the config (a fresh module), else refused."""
-    from transformers import initialization as init
-
+    where its module is parameter-free and made from the config (a fresh module), else refused.
+    Before transformers 5 (no guarded init functions) only that rebuild is used."""
+    try:
+        from transformers import initialization as init
+    except ImportError:
+        init = None
     holders = [(parent, name, module) for parent in list(model.modules()) for name, module in parent.named_children()
                if any(module._buffers.get(b) is not None for b in module._non_persistent_buffers_set)]
     if not holders:
         return
-    flagged = [t for t in (*model.parameters(), *model.buffers()) if not getattr(t, "_is_hf_initialized", False)]
     non_persistent = {id(module._buffers[b]) for _, _, module in holders for b in module._non_persistent_buffers_set
                       if module._buffers.get(b) is not None}
-    flagged = [t for t in flagged if id(t) not in non_persistent]
-    for tensor in flagged:
-        tensor._is_hf_initialized = True
-    try:
-        with torch.no_grad(), init.guard_torch_init_functions():
-            for _, _, module in holders:
-                for b in module._non_persistent_buffers_set:
-                    if module._buffers.get(b) is not None and module._buffers[b].is_floating_point():
-                        module._buffers[b].fill_(float("nan"))
-                base._init_weights(module)
-    finally:
+    with torch.no_grad():
+        for _, _, module in holders:
+            for b in module._non_persistent_buffers_set:
+                if module._buffers.get(b) is not None and module._buffers[b].is_floating_point():
+                    module._buffers[b].fill_(float("nan"))
+    if init is not None:
+        flagged = [t for t in (*model.parameters(), *model.buffers())
+                   if id(t) not in non_persistent and not getattr(t, "_is_hf_initialized", False)]
         for tensor in flagged:
-            del tensor._is_hf_initialized
+            tensor._is_hf_initialized = True
+        try:
+            with torch.no_grad(), init.guard_torch_init_functions():
+                for _, _, module in holders:
+                    base._init_weights(module)
+        finally:
+            for tensor in flagged:
+                del tensor._is_hf_initialized
     for parent, name, module in holders:
         unset = [b for b in module._non_persistent_buffers_set if module._buffers.get(b) is not None
                  and (not module._buffers[b].is_floating_point() or bool(module._buffers[b].isnan().any()))]
