@@ -1,9 +1,10 @@
 """The family support table and a step-time sanity check, on the tiny random models of
 tests/models/families.py (two layers, hidden 64; seconds each on a CPU).
 
-For each family: how `fastprocon train` loads it (sharded, or whole through from_pretrained where
-transformers converts the checkpoint), whether packing and the chunked CE are exact on it (the
-trainer's own checks), LoRA's targets and trained parameters, and the median step time of
+For each family: how `fastprocon train` loads it (sharded: as stored, with keys renamed or experts
+fused by transformers' own conversion rules; or whole through from_pretrained), whether packing
+and the chunked CE are exact on it (the trainer's own checks), LoRA's targets and trained
+parameters, and the median step time of
 `fastprocon train` (ProCon off, padded, batch 4, one process) against the same steps through
 `transformers.Trainer` on the same model and samples.
 
@@ -37,7 +38,7 @@ from fastprocon.train.packing import check_packing_exact  # noqa: E402
 from fastprocon.train.prepare import apply_lora  # noqa: E402
 
 FIELDS = ["family", "sharded_load", "packing", "chunked_ce", "lora_targets", "lora_params", "params",
-          "fastprocon_step_ms", "hf_trainer_step_ms", "steps"]
+          "fastprocon_step_ms", "hf_trainer_step_ms", "steps", "load_average"]
 
 
 def sharded_load(directory: Path) -> str:
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
             theirs = hf_trainer_steps(directory, batches, tmp / f"{name}-hf")
             row["fastprocon_step_ms"] = f"{statistics.median(ours[1:]):.1f}"
             row["hf_trainer_step_ms"] = f"{statistics.median(theirs[1:]):.1f}"
+            row["load_average"] = f"{os.getloadavg()[0]:.1f}"   # the machine's state: times on a loaded one mislead
             rows.append(row)
             print(row, flush=True)
     harness.write_csv(args.out, rows, FIELDS)
