@@ -69,6 +69,22 @@ def test_converted_checkpoints_load_sharded_as_from_pretrained(tmp_path, monkeyp
     assert sum(reads) == expert_params
 
 
+@pytest.mark.parametrize("name", ["gpt_neox", "qwen3_moe"])
+def test_converted_checkpoints_load_sharded_under_lora(tmp_path, monkeypatch, name):
+    """PEFT's names (base_model.model..., base_layer) over converted tensors: the adapters start at
+    B = 0, so the logits are from_pretrained's."""
+    from fastprocon.train import load_config
+    from fastprocon.train.prepare import apply_lora
+
+    directory = save_family(name, tmp_path / name)
+    refuse_whole_load(monkeypatch)
+    cfg = load_config("tiny", [f"spec={directory}", "lora=true"])
+    model = load.load_model(str(directory), wrap=lambda m: apply_lora(cfg, m)).model
+    assert any(".lora_A." in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, reference_logits(directory))
+
+
 def test_unmapped_file_tensors_still_load_whole_saying_so(tmp_path, caplog):
     """A file tensor no conversion rule maps: the sharded path refuses before taking memory and
     from_pretrained loads the model (here it refuses the unexpected tensor itself, in one line)."""
