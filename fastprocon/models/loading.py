@@ -157,9 +157,9 @@ def restore_buffers(model: nn.Module, base: nn.Module, device: torch.device) -> 
     ``to_empty`` left uninitialised, as ``from_pretrained`` does: the transformers model ``base``'s
     own ``_init_weights`` on each module holding some, with every parameter and persistent buffer
     flagged as loaded (transformers' init functions then leave them alone; the weights are loaded
-    afterwards anyway). A buffer it leaves unset (NaN before, NaN after) is rebuilt the older way
-    where its module is parameter-free and made from the config (a fresh module), else refused.
-    Before transformers 5 (no guarded init functions) only that rebuild is used."""
+    afterwards anyway). A buffer it leaves unset (NaN before, NaN after) is rebuilt by making its
+    module afresh from the config where that module is parameter-free, else refused. Without
+    transformers' guarded init functions (transformers < 5) only that rebuild is used."""
     try:
         from transformers import initialization as init
     except ImportError:
