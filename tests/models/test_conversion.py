@@ -1,7 +1,9 @@
 """fastprocon.models.conversion: checkpoints transformers converts while loading (GPT-NeoX's renamed
 output layer, mixture-of-experts files with one tensor per expert, Gemma's embedding scale buffer)
 load through the sharded meta-device path, with transformers' own rules, exactly as from_pretrained
-loads them; fused experts are read per shard (each of 2 processes reads only its experts).
+loads them; fused experts are read per shard (each of 2 processes reads only its experts), and a
+converter that cannot be split per shard (one tensor chunked into several) reads its source whole
+and keeps each process's part.
 
 Run as a script (under torchrun) this file is the 2-process test's worker.
 """
@@ -112,6 +114,48 @@ def test_a_missing_expert_is_one_line(tmp_path):
         load.load_model(str(directory))
 
 
+def save_fused_mlp_llama(directory: Path) -> Path:
+    """The llama family's model with each layer's gate and up projections stored as one tensor,
+    'mlp.gate_up_fused.weight' (gate rows first): a checkpoint only a one-to-many converter loads."""
+    from safetensors.torch import load_file, save_file
+
+    save_family("llama", directory)
+    tensors = load_file(directory / "model.safetensors")
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp."
+        tensors[prefix + "gate_up_fused.weight"] = torch.cat([tensors.pop(prefix + "gate_proj.weight"),
+                                                              tensors.pop(prefix + "up_proj.weight")])
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def fused_mlp_rule() -> list:
+    """A conversion rule (transformers' own WeightConverter and Chunk) that splits the fused tensor."""
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    return [WeightConverter(source_patterns="mlp.gate_up_fused.weight",
+                            target_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"], operations=[Chunk(dim=0)])]
+
+
+def register_fused_mlp_rule(monkeypatch) -> None:
+    """Registered for model type llama (undone by ``monkeypatch``): from_pretrained applies it too."""
+    import transformers.conversion_mapping as mapping
+
+    mapping.get_checkpoint_conversion_mapping("llama")   # builds transformers' table
+    monkeypatch.setitem(mapping._checkpoint_conversion_mapping_cache, "llama", fused_mlp_rule())
+
+
+def test_a_splitting_converter_reads_its_source_whole_and_keeps_each_part(tmp_path, monkeypatch):
+    directory = save_fused_mlp_llama(tmp_path / "fused")
+    register_fused_mlp_rule(monkeypatch)
+    refuse_whole_load(monkeypatch)
+    reads = counting_reads(monkeypatch)
+    model = load.load_model(str(directory)).model
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, reference_logits(directory))
+    assert reads == [256 * 64] * 2   # each layer's fused tensor once
+
+
 def worker(root: str) -> None:
     """Under torchrun (2 processes, gloo): each MoE family loaded with FSDP2 sharding; writes what
     this process read and its logits' agreement with from_pretrained."""
@@ -133,16 +177,26 @@ def worker(root: str) -> None:
         full = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         result[name] = {"equal": equal, "reads": len(reads), "read_elements": sum(reads), "local": local,
                         "full": full, "file_tensors": expert_file_tensors(directory)}
+    register_fused_mlp_rule(monkeypatch)   # a converter that cannot read per shard: whole, then its part kept
+    reads = counting_reads(monkeypatch)
+    model = load.load_model(str(Path(root) / "fused"), wrap=shard_for_inference).model
+    with torch.no_grad():
+        equal = torch.equal(model(input_ids=IDS).logits, reference_logits(Path(root) / "fused"))
+    gate = model.model.layers[0].mlp.gate_proj.weight
+    result["fused"] = {"equal": equal, "reads": reads, "local_rows": conversion.local_slice(gate).shape[0]}
     (Path(root) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_fused_experts_are_read_per_shard_on_two_processes(tmp_path):
+    """Each process reads only its experts; a splitting converter (one fused tensor into gate and
+    up) reads its source whole on each process and keeps its rows of each part."""
     from test_train_distributed import torchrun
 
     for name in MOE:
         save_family(name, tmp_path / name)
+    save_fused_mlp_llama(tmp_path / "fused")
     torchrun(Path(__file__), tmp_path, nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for name in MOE:
@@ -151,6 +205,8 @@ def test_fused_experts_are_read_per_shard_on_two_processes(tmp_path):
             assert got["equal"], name
             assert got["reads"] == got["file_tensors"] // 2, got      # 2 of the 4 experts, each read once
             assert got["read_elements"] == got["local"] == got["full"] // 2, got
+    for rank in ranks:
+        assert rank["fused"] == {"equal": True, "reads": [256 * 64] * 2, "local_rows": 64}
 
 
 if __name__ == "__main__":
