@@ -49,9 +49,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     activation checkpointing, ``fully_shard``); with FSDP2 each process then holds and reads
     only its shards. LoRA adapters get PEFT's default init from ``seed``.
     ``attn_implementation`` None: :func:`default_attn_implementation` for the model's class.
-    An architecture whose checkpoint transformers converts while loading (renamed keys, fused
-    experts) or whose buffers cannot be rebuilt is loaded whole through ``from_pretrained`` on
-    each process instead (said in one warning), then wrapped.
+    Checkpoints that transformers converts while loading (renamed keys, fused experts) are
+    converted by its own rules as each process reads its shards. A checkpoint with tensors those
+    rules do not map, or a model whose buffers cannot be rebuilt, is loaded whole through
+    ``from_pretrained`` on each process instead (said in one warning), then wrapped.
     """
     from transformers import AutoTokenizer
 

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastprocon.data.examples import IGNORE_INDEX
 from fastprocon.models.layers import unwrap_model
+from fastprocon.train.exactness import exceeds
 
 HAS_LINEAR_CE = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
 CHUNK_ELEMENTS = 1 << 25     # rows x vocab of one chunk: 128 MiB of fp32 logits
@@ -143,7 +144,7 @@ def check_chunked_ce_exact(model: nn.Module, *, length: int = 7, tolerance: floa
         index = predicted_positions(targets.cpu()).to(param.device)
         loss.arm(index, targets.flatten()[index])
         chunked = model(input_ids=ids, use_cache=False).logits.float()
-    if (chunked - plain).abs() > tolerance * plain.abs().clamp_min(1.0):
+    if exceeds(chunked, plain, tolerance) is not None:
         return (f"the model's forward changes its output layer's result (CE from its logits {plain.item():.4f}, "
                 f"through the output layer {chunked.item():.4f}: logit scaling or softcapping)")
     return None

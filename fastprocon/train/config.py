@@ -29,7 +29,8 @@ class ModelConfig:
     device: str = "auto"                   # "auto" (cuda when available), "cpu", "cuda"
     mixed_precision: str = "auto"          # "auto" (bf16 on cuda, fp32 on cpu), "bf16", "fp32"
     activation_checkpointing: bool = False
-    compile: str = "auto"                  # torch.compile each decoder layer: "auto" (on CUDA), "on", "off"
+    compile: str = "auto"                  # torch.compile each decoder layer: "auto" (on CUDA), "on", "off";
+                                           # checked against the eager layers at start-up (train/exactness.py)
     chunked_ce: bool = True                # CE through the output layer in row chunks, never the full logits
                                            # (where that equals the model's own CE; else the full logits)
     attn_implementation: str = "auto"      # "auto": flash-attn on CUDA, else sdpa, else eager (what the model

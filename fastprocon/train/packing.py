@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprocon.data.examples import IGNORE_INDEX
+from fastprocon.train.exactness import exceeds
 
 
 def plan_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -131,9 +132,9 @@ def check_packing_exact(model: torch.nn.Module, *, lengths=(5, 3), tolerance: fl
         packed = model(**kwargs, use_cache=False).logits[0].float()
     finally:
         model.train(was_training)
-    diff = (packed - torch.cat(alone)).abs().max().item()
-    scale = torch.cat(alone).abs().max().item()
-    if diff > tolerance * max(scale, 1.0):
+    bad = exceeds(packed, torch.cat(alone), tolerance)
+    if bad is not None:
+        diff, scale = bad
         return (f"packed samples change each other's logits on this model (max difference {diff:.3g}, "
                 f"logits up to {scale:.3g}): its attention does not separate samples by position_ids")
     return None

@@ -35,6 +35,7 @@ from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_i
 from fastprocon.train.chunked_ce import OutputLayerLoss, check_chunked_ce_exact
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.dashboard import draw_dashboard
+from fastprocon.train.exactness import use_compiled_layers
 from fastprocon.train.export import clean_export_staging, export_model
 from fastprocon.train.metrics import (
     MetricsLog,
@@ -108,9 +109,11 @@ class Trainer:
                  f"data: {len(self.data.examples)} examples ({self.data.n_primary} from {cfg.data.train}"
                  f" + {self.data.n_safety} safety), {self.data.n_truncated} cut at {cfg.data.max_length} tokens")
         with initial_model(loaded.model):    # every process runs the same probe forwards (FSDP collectives)
+            compiled, compile_note = use_compiled_layers(cfg.model.compile, loaded.model)
             packing, note = use_packing(cfg.data.packing, loaded.model)
             chunked_ce_off = check_chunked_ce_exact(loaded.model) if cfg.model.chunked_ce else None
-        for line in (note, chunked_ce_off and f"chunked cross entropy off: {chunked_ce_off}; CE from the full logits"):
+        for line in (compile_note, note,
+                     chunked_ce_off and f"chunked cross entropy off: {chunked_ce_off}; CE from the full logits"):
             if line:
                 self.say(line)
         self.varlen_kwargs = getattr(loaded.model.config, "_attn_implementation", None) == "flash_attention_2"
@@ -140,7 +143,7 @@ class Trainer:
             D.on_main(lambda: check_same_inputs(*self._resume_from, self._inputs, run_dir=self.run_dir))
 
         model = loaded.model.train()
-        self.compiled = D.use_compile(cfg.model.compile, ctx.device)     # applied by wrap_for_training
+        self.compiled = compiled     # applied by wrap_for_training; kept where it gives the eager layers' output
         flops_base = (matmul_params(model), num_layers(model), attention_width(unwrap_model(model).config))
         self.model = model
         self.output_loss = OutputLayerLoss(model).install() if cfg.model.chunked_ce and not chunked_ce_off else None

@@ -209,3 +209,21 @@ def test_trainer_on_cuda_bf16_with_resume(tmp_path, monkeypatch):
     for r in cuda:
         assert all(map(math.isfinite, (r["ce"], r["procon"], r["grad_norm"]))) and r["mfu"] is not None
     assert (result.export_dir / "config.json").exists()
+
+
+def test_inductor_layers_pass_the_start_up_compile_check_in_bf16(tmp_path):
+    """The trainer's default CUDA set-up (compile on, bf16 mixed precision under FSDP2): inductor's
+    compiled layers are within the stated tolerance of the eager layers, so compile stays on
+    (model.compile = "on" would refuse, naming the difference, if they were not)."""
+    import fastprocon.distributed as D
+    from fastprocon.train import Trainer, load_config
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", "model.device=cuda", "compile=on", "mixed_precision=bf16",
+                               "schedule=off", "max_steps=1", "export=false"])
+    ctx = D.init_distributed("cuda")
+    try:
+        trainer = Trainer(cfg, ctx)
+        assert trainer.compiled
+        del trainer
+    finally:
+        D.shutdown(ctx)

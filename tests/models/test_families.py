@@ -113,7 +113,7 @@ def test_a_model_without_decoder_layers_is_one_line(tmp_path):
     assert main(["directions", "--model", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "qwen3_moe"])   # loaded whole (converted checkpoints), under FSDP2
+@pytest.mark.parametrize("name", ["gpt_neox", "qwen3_moe"])   # converted checkpoints (renamed, fused experts)
 def test_two_processes_equal_one(family_dirs, tmp_path, name):
     from test_train_distributed import torchrun
 
