@@ -28,6 +28,7 @@ HARMLESS = frozenset({
     "train.probe_max_prompts", "train.probe_samples", "train.probe_batch_size", "train.min_refusal_share",
     "train.stop_below_min_refusal",
     "checkpoint.checkpoint_every", "checkpoint.keep_checkpoints", "checkpoint.resume", "checkpoint.export",
+    "checkpoint.export_adapter",
     "checkpoint.resume_changes",
 })
 FIXED = frozenset({

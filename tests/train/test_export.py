@@ -1,0 +1,86 @@
+"""The sharded export of LoRA runs (merged weights, and the adapter in PEFT's format on request),
+on 1 process and under torchrun, and the pieces of train/export.py (file split, tied weights,
+the merge of a shard)."""
+import json
+import shutil
+
+import pytest
+import torch
+from test_train_distributed import torchrun
+
+from fastprocon.models.load import load_model
+from fastprocon.train import load_config, train
+from fastprocon.train.export import _merged, file_index
+
+LORA = ["model.lora=true", "lora_rank=4", "reference=adapters_off", "max_steps=2", "lr=1e-2", "log_every=1",
+        "checkpoint_every=0", "export=true", "export_adapter=true"]
+
+
+def weights(export) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(export)
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """A LoRA run on 2 processes, and the export of its last checkpoint by 1 process."""
+    two = tmp_path_factory.mktemp("lora2")
+    torchrun("-m", "fastprocon.cli", "train", "--config", "tiny", f"run_dir={two}", *LORA)
+    one = tmp_path_factory.mktemp("lora1") / "run"
+    shutil.copytree(two, one, ignore=shutil.ignore_patterns("model", ".lock"))
+    result = train(load_config("tiny", [f"run_dir={one}", *LORA]))   # nothing left to train: the export only
+    assert result.start_step == 2
+    return two, one
+
+
+def test_lora_export_is_merged_like_peft_and_keeps_the_adapter(lora_runs):
+    """The merged export equals PEFT's merge_and_unload of the exported adapter on the base model, and
+    the adapter on the base model gives the merged model's logits."""
+    from peft import PeftModel
+
+    two, _ = lora_runs
+    merged, got = weights(two / "model")
+    config = json.loads((two / "model" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    base = load_model("tiny").model
+    adapted = PeftModel.from_pretrained(base, str(two / "model" / "adapter"))
+    ids = torch.arange(2, 50)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+    want = adapted.merge_and_unload().state_dict()
+    assert got.keys() == want.keys()
+    changed = [k for k in got if not torch.equal(got[k], load_model("tiny").model.state_dict()[k])]
+    assert changed and all("self_attn" in k for k in changed), changed   # LoRA on the attention only
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_lora_export_of_two_processes_equals_one_process(lora_runs):
+    two, one = lora_runs
+    (_, a), (_, b) = weights(two / "model"), weights(one / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_export_adapter_needs_a_lora_run():
+    with pytest.raises(ValueError, match="checkpoint.export_adapter = True: must be false unless"):
+        load_config("tiny", ["export_adapter=true"])
+
+
+def test_file_index_starts_a_new_file_at_the_limit():
+    state = {"a": torch.zeros(10), "b": torch.zeros(10), "c": torch.zeros(30), "d": torch.zeros(1)}
+    assert file_index(state, file_bytes=80) == {"a": 1, "b": 1, "c": 2, "d": 3}   # 40 + 40, 120, 4 bytes
+    assert file_index(state) == dict.fromkeys(state, 1)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_merge_of_a_plain_weight_is_peft_s_delta(transposed):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
+    w = torch.randn((7, 5) if transposed else (5, 7), generator=g, dtype=torch.float64)
+    delta = (b.double() @ a.double()) * 0.5
+    want = w + (delta.T if transposed else delta)
+    torch.testing.assert_close(_merged(w, a.double(), b.double(), 0.5, transposed), want)
