@@ -98,6 +98,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    replicate: int = 1                     # HSDP: replicas of the model (e.g. nodes); 1 = plain FSDP
+    shard: int = 0                         # processes sharing one replica's shards; 0 = processes / replicate
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -105,6 +111,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -303,6 +310,8 @@ def validate(cfg: Config) -> None:
     need(c.keep_checkpoints >= 1, "checkpoint.keep_checkpoints", ">= 1")
     need(not c.export_adapter or (c.export and m.lora), "checkpoint.export_adapter",
          "false unless checkpoint.export and model.lora are true (the adapter of a LoRA run's export)")
+    need(cfg.parallel.replicate >= 1, "parallel.replicate", ">= 1 (1 = plain FSDP)")
+    need(cfg.parallel.shard >= 0, "parallel.shard", ">= 0 (0 = the processes per replica left)")
     need(bool(c.resume), "checkpoint.resume", "'auto', 'never' or a checkpoint directory")
     names = c.resume_changes.split(",") if isinstance(c.resume_changes, str) else c.resume_changes
     unknown = [n.strip() for n in names if n.strip() and n.strip() != "all" and n.strip() not in _key_index()

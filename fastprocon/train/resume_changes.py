@@ -30,6 +30,8 @@ HARMLESS = frozenset({
     "checkpoint.checkpoint_every", "checkpoint.keep_checkpoints", "checkpoint.resume", "checkpoint.export",
     "checkpoint.export_adapter",
     "checkpoint.resume_changes",
+    # the same steps sharded another way (FSDP or HSDP): the checkpoints reshard on load
+    "parallel.replicate", "parallel.shard",
 })
 FIXED = frozenset({
     "model.spec", "model.lora", "model.lora_rank", "train.seed", "train.batch_size",

@@ -94,10 +94,16 @@ class Trainer:
         D.barrier()
         torch.manual_seed(cfg.train.seed)
 
+        # FSDP over all processes, or HSDP (parallel.replicate x parallel.shard)
+        replicate, shard = D.mesh_shape(cfg.parallel.replicate, cfg.parallel.shard, ctx.world_size)
+        mesh = D.training_mesh(replicate, shard, ctx.world_size, ctx.device)
+        if mesh is not None:
+            self.say(f"HSDP: {replicate} replicas x {shard} shards")
         # built on the meta device, wrapped (LoRA, checkpointing, FSDP2), then each process reads its shards
         attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
         loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
-                            attn_implementation=attn, wrap=lambda model: wrap_for_training(cfg, model, ctx.device))
+                            attn_implementation=attn,
+                            wrap=lambda model: wrap_for_training(cfg, model, ctx.device, mesh))
         self.model_name, self.model_fingerprint, self.tokenizer = loaded.name, loaded.fingerprint, loaded.tokenizer
         context = context_length(unwrap_model(loaded.model))
         if context is not None and cfg.data.max_length > context:   # positions past it were never trained
