@@ -54,6 +54,20 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
 
 
+def elastic_restart_note() -> str | None:
+    """A warning when torchrun's elastic agent may restart the workers (``--max-restarts`` > 0) while
+    sharing its rendezvous store with them (the c10d rendezvous's default): that store keeps the
+    previous attempt's keys, so the restarted processes can read their peers' old addresses and fail
+    to connect (seen with gloo in torch 2.13). None when it does not apply."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
+        return None
+    return ("torchrun may restart the processes but shares its rendezvous store with them, which keeps the "
+            "previous attempt's addresses, so a restart can fail to connect; launch with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (docs/scale.md)")
+
+
 def shutdown(ctx: DistContext, *, clean: bool = True) -> None:
     """Destroy the group if this context made it; after a barrier when ``clean`` (the barrier
     avoids teardown aborts), without one after an error (other processes may never reach it).
