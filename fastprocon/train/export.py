@@ -1,11 +1,13 @@
 """Export the trained model as a Hugging Face directory (safetensors) with its directions file.
 
 No process ever holds the full model. Every process writes the weights of its own FSDP shards
-(``torch.distributed.checkpoint`` with ``HuggingFaceStorageWriter``) into a scratch folder; the
-processes then consolidate those pieces into the usual ``model-0000i-of-0000n.safetensors`` files
-(each process builds whole files, one tensor at a time) plus ``model.safetensors.index.json``;
-rank 0 adds the config, the tokenizer and the directions file. The weights are written in fp32
-(the master weights) under the model's own key names (no FSDP, PEFT, compile or checkpoint
+(``torch.distributed.checkpoint`` with ``HuggingFaceStorageWriter``) into a scratch folder, in
+groups of at most :data:`PIECE_BYTES` of tensors; the processes then consolidate those pieces into
+the usual ``model-0000i-of-0000n.safetensors`` files (each process builds whole files, one tensor
+at a time) plus ``model.safetensors.index.json``. Memory per process: its share of a group (twice,
+while DCP serialises it) or the largest tensor (twice, while consolidating), whichever is more.
+Rank 0 adds the config, the tokenizer and the directions file. The weights are written in the
+parameters' dtype (the trainer's fp32 master weights) under the model's own key names (no FSDP, PEFT, compile or checkpoint
 prefixes); a tied output embedding is written once, as ``save_pretrained`` does.
 
 LoRA runs export merged weights (W + scaling * B @ A, as PEFT's ``merge_and_unload``): each
@@ -37,6 +39,9 @@ from fastprocon.models.loading import LORA_PARAM, checkpoint_name, local_slice, 
 DIRECTIONS_FILE = "directions.safetensors"
 ADAPTER_DIR = "adapter"
 FILE_BYTES = 5 * 2**30          # consolidated files of at most ~5 GiB each (one tensor may exceed it)
+# the per-process pieces are written in groups of tensors of at most this much (whole-tensor) size: DCP's
+# safetensors writer holds a group's bytes twice while it writes it, so this bounds the export's memory
+PIECE_BYTES = 256 * 2**20
 _SCRATCH = ".sharded"           # the per-process pieces, inside the staging directory
 
 
@@ -99,12 +104,13 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path, directions_path: Pa
     # a failure leaves the staging directory behind: the next start removes it (clean_export_staging)
     staging = Path(on_main(lambda: _make_staging(out_dir)))
     state = export_state_dict(model)
-    mapping = file_index(state)
+    files, groups = file_index(state, FILE_BYTES), file_index(state, PIECE_BYTES)
     pieces = staging / _SCRATCH
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(pieces), fqn_to_index_mapping=mapping,
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(pieces), fqn_to_index_mapping=groups,
                                                             save_distributed=True))
     del state
-    consolidate_safetensors_files_on_every_rank(str(pieces), str(staging), mapping)   # ends in a barrier
+    # each process builds whole output files from every process's pieces, one tensor at a time
+    consolidate_safetensors_files_on_every_rank(str(pieces), str(staging), files)   # ends in a barrier
     adapter_weights = adapter_state_dict(model) if adapter else None
     on_main(lambda: _finish(model, tokenizer, staging, out_dir, directions_path, adapter_weights))
     return out_dir
