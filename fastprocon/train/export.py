@@ -2,13 +2,15 @@
 
 No process ever holds the full model. Every process writes the weights of its own FSDP shards
 (``torch.distributed.checkpoint`` with ``HuggingFaceStorageWriter``) into a scratch folder, in
-groups of at most :data:`PIECE_BYTES` of tensors; the processes then consolidate those pieces into
-the usual ``model-0000i-of-0000n.safetensors`` files (each process builds whole files, one tensor
-at a time) plus ``model.safetensors.index.json``. Memory per process: its share of a group (twice,
-while DCP serialises it) or the largest tensor (twice, while consolidating), whichever is more.
+groups of tensors of which each process holds about :data:`PIECE_BYTES`; the processes then
+consolidate those pieces into the usual ``model-0000i-of-0000n.safetensors`` files of at most
+:data:`FILE_BYTES` (each process builds whole files, one tensor at a time, from that file's pieces
+only) plus ``model.safetensors.index.json``. Memory per process: a group's share (twice, while
+DCP serialises it) or the largest tensor (twice, while consolidating), whichever is more.
 Rank 0 adds the config, the tokenizer and the directions file. The weights are written in the
-parameters' dtype (the trainer's fp32 master weights) under the model's own key names (no FSDP, PEFT, compile or checkpoint
-prefixes); a tied output embedding is written once, as ``save_pretrained`` does.
+parameters' dtype (the trainer's fp32 master weights) under the model's own key names (no FSDP,
+PEFT, compile or checkpoint prefixes); a tied output embedding is written once, as
+``save_pretrained`` does.
 
 LoRA runs export merged weights (W + scaling * B @ A, as PEFT's ``merge_and_unload``): each
 process merges its rows of W with the full (small) adapter matrices. With
@@ -21,27 +23,31 @@ The result loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and ``fastpr
 """
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
-from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
+from torch.distributed.checkpoint._consolidate_hf_safetensors import _consolidate_safetensors_files
+from torch.distributed.checkpoint._hf_utils import _gen_file_name
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from fastprocon.distributed.collectives import on_main
+from fastprocon.distributed.collectives import barrier, on_main
 from fastprocon.models.layers import unwrap_model
 from fastprocon.models.loading import LORA_PARAM, checkpoint_name, local_slice, shard_offset
 
 DIRECTIONS_FILE = "directions.safetensors"
 ADAPTER_DIR = "adapter"
 FILE_BYTES = 5 * 2**30          # consolidated files of at most ~5 GiB each (one tensor may exceed it)
-# the per-process pieces are written in groups of tensors of at most this much (whole-tensor) size: DCP's
-# safetensors writer holds a group's bytes twice while it writes it, so this bounds the export's memory
-PIECE_BYTES = 256 * 2**20
+# each process writes its pieces in groups of tensors whose share on one process is at most about this
+# much: DCP's safetensors writer holds a group's bytes twice while it writes it, so this bounds the memory
+PIECE_BYTES = 128 * 2**20
 _SCRATCH = ".sharded"           # the per-process pieces, inside the staging directory
 
 
@@ -101,31 +107,56 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path, directions_path: Pa
     index, tokenizer and, when given, a copy of the directions file; with ``adapter`` (a LoRA
     model) also ``adapter/``. Collective: call on every process; returns ``out_dir``."""
     out_dir = Path(out_dir)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # a failure leaves the staging directory behind: the next start removes it (clean_export_staging)
     staging = Path(on_main(lambda: _make_staging(out_dir)))
     state = export_state_dict(model)
-    files, groups = file_index(state, FILE_BYTES), file_index(state, PIECE_BYTES)
+    files = file_index(state, FILE_BYTES)
+    groups = file_index(state, PIECE_BYTES * world, within=files)   # each process's share: ~PIECE_BYTES
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in state.items()}
     pieces = staging / _SCRATCH
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(pieces), fqn_to_index_mapping=groups,
                                                             save_distributed=True))
     del state
-    # each process builds whole output files from every process's pieces, one tensor at a time
-    consolidate_safetensors_files_on_every_rank(str(pieces), str(staging), files)   # ends in a barrier
+    file_of_group = {groups[name]: files[name] for name in groups}
+    on_main(lambda: _sort_pieces(pieces, file_of_group))
+    # each process builds whole output files (file i: process (i - 1) % world) from the pieces of that
+    # file only, one tensor at a time (so no process opens more than that file's pieces)
+    n_files = max(files.values())
+    for index in range(1 + rank, n_files + 1, world):
+        mapping = {name: _gen_file_name(index, n_files) for name, i in files.items() if i == index}
+        _consolidate_safetensors_files(str(pieces / str(index)), str(staging), mapping, 1)
+    barrier()
     adapter_weights = adapter_state_dict(model) if adapter else None
-    on_main(lambda: _finish(model, tokenizer, staging, out_dir, directions_path, adapter_weights))
+    weight_map = {name: _gen_file_name(index, n_files) for name, index in files.items()}
+    on_main(lambda: _finish(model, tokenizer, staging, out_dir, directions_path, adapter_weights,
+                            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}))
     return out_dir
 
 
-def file_index(state: dict[str, torch.Tensor], file_bytes: int = FILE_BYTES) -> dict[str, int]:
-    """{name: file number from 1}: tensors in state-dict order, a new file once ``file_bytes`` is reached."""
-    mapping, index, used = {}, 1, 0
+def file_index(state: dict[str, torch.Tensor], limit: int, within: dict[str, int] | None = None) -> dict[str, int]:
+    """{name: group number from 1}: tensors in state-dict order, a new group once ``limit`` bytes
+    are reached (a larger tensor alone) or, with ``within`` (another grouping), where it starts a new one."""
+    mapping, index, used, previous = {}, 1, 0, None
     for name, tensor in state.items():
         size = tensor.numel() * tensor.element_size()
-        if used and used + size > file_bytes:
+        outer = within[name] if within is not None else None
+        if mapping and ((used and used + size > limit) or outer != previous):
             index, used = index + 1, 0
         mapping[name] = index
         used += size
+        previous = outer
     return mapping
+
+
+def _sort_pieces(pieces: Path, file_of_group: dict[int, int]) -> None:
+    """Move every process's piece of group g (``shard-R-model-G-of-N.safetensors``) into
+    ``pieces/<output file of g>/``."""
+    for piece in pieces.glob("shard-*.safetensors"):
+        group = int(re.search(r"-model-(\d+)-of-", piece.name).group(1))
+        target = pieces / str(file_of_group[group])
+        target.mkdir(exist_ok=True)
+        piece.rename(target / piece.name)
 
 
 def _make_staging(out_dir: Path) -> str:
@@ -136,9 +167,10 @@ def _make_staging(out_dir: Path) -> str:
 
 
 def _finish(model: nn.Module, tokenizer, staging: Path, out_dir: Path, directions_path: Path | None,
-            adapter_weights: dict | None) -> None:
-    """Rank 0, after the weights: config, tokenizer, directions, adapter; then the rename."""
+            adapter_weights: dict | None, index: dict) -> None:
+    """Rank 0, after the weights: index, config, tokenizer, directions, adapter; then the rename."""
     shutil.rmtree(staging / _SCRATCH)
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     base = unwrap_model(model)
     config = base.config.__class__.from_dict(base.config.to_dict())   # a copy: the training model keeps its own
     if hasattr(config, "quantization_config"):   # a GGUF-converted config: the export is plain fp32

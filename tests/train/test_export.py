@@ -3,6 +3,7 @@ on 1 process and under torchrun, and the pieces of train/export.py (file split, 
 the merge of a shard)."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -70,10 +71,49 @@ def test_export_adapter_needs_a_lora_run():
         load_config("tiny", ["export_adapter=true"])
 
 
-def test_file_index_starts_a_new_file_at_the_limit():
+def test_file_index_starts_a_new_file_at_the_limit_and_groups_within_files():
     state = {"a": torch.zeros(10), "b": torch.zeros(10), "c": torch.zeros(30), "d": torch.zeros(1)}
-    assert file_index(state, file_bytes=80) == {"a": 1, "b": 1, "c": 2, "d": 3}   # 40 + 40, 120, 4 bytes
-    assert file_index(state) == dict.fromkeys(state, 1)
+    files = file_index(state, 80)
+    assert files == {"a": 1, "b": 1, "c": 2, "d": 3}   # 40 + 40, 120 alone, 4 bytes
+    assert file_index(state, 10**9) == dict.fromkeys(state, 1)
+    assert file_index(state, 40) == {"a": 1, "b": 2, "c": 3, "d": 4}
+    assert file_index(state, 10**9, within={"a": 1, "b": 2, "c": 2, "d": 2}) == {"a": 1, "b": 2, "c": 2, "d": 2}
+    assert file_index(state, 100, within={"a": 1, "b": 1, "c": 1, "d": 2}) == {"a": 1, "b": 1, "c": 2, "d": 3}
+
+
+def small_files_worker(run_dir: str) -> int:
+    """A 1-step tiny run whose export is split into files of ~200 kB (pieces of ~50 kB a process)."""
+    import fastprocon.train.export as export
+    from fastprocon.cli import main
+
+    export.FILE_BYTES, export.PIECE_BYTES = 200_000, 50_000
+    return main(["train", "--config", "tiny", f"run_dir={run_dir}", "max_steps=1", "export=true", "norm=l2sq"])
+
+
+def test_an_export_of_several_files_equals_the_one_file_export(tmp_path):
+    """Several output files on 2 processes (each built by one process from its own pieces): the
+    usual names and index, and the logits of the 1-file export of the same checkpoint by 1 process."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(__file__, two)
+    shutil.copytree(two, one, ignore=shutil.ignore_patterns("model", ".lock"))
+    train(load_config("tiny", [f"run_dir={one}", "max_steps=1", "export=true", "norm=l2sq"]))
+    index = json.loads((two / "model" / "model.safetensors.index.json").read_text())
+    names = sorted(set(index["weight_map"].values()))
+    assert len(names) >= 3 and names == [f"model-{i:05d}-of-{len(names):05d}.safetensors"
+                                         for i in range(1, len(names) + 1)]
+    assert sorted(p.name for p in (two / "model").glob("model*.safetensors")) == names
+    for name in names:
+        with safe_open(str(two / "model" / name), "pt") as f:
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == name}
+    assert index["metadata"]["total_size"] == sum((two / "model" / n).stat().st_size for n in names) - sum(
+        8 + int.from_bytes((two / "model" / n).read_bytes()[:8], "little") for n in names)
+    ids = torch.arange(2, 50)[None]
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(d / "model")(ids).logits for d in (two, one)]
+    assert torch.equal(*logits)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -84,3 +124,7 @@ def test_merge_of_a_plain_weight_is_peft_s_delta(transposed):
     delta = (b.double() @ a.double()) * 0.5
     want = w + (delta.T if transposed else delta)
     torch.testing.assert_close(_merged(w, a.double(), b.double(), 0.5, transposed), want)
+
+
+if __name__ == "__main__":
+    sys.exit(small_files_worker(sys.argv[1]))
