@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +89,9 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest(ctx.device)
         self.run_dir = run_dir_of(cfg)
         self.say(f"run directory {self.run_dir} ({ctx.world_size} process(es) on {ctx.device.type})")
-        restart_note = D.elastic_restart_note()
-        if restart_note:
-            self.say(f"warning: {restart_note}")
-        elif "TORCHELASTIC_RESTART_COUNT" in os.environ and int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0:
-            self.say(f"restarted by torchrun (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): resuming from "
-                     "the last intact checkpoint")
+        note = D.elastic_note()   # a torchrun restart, or a launch whose restarts could not connect
+        if note:
+            self.say(note)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         D.barrier()

@@ -67,5 +67,24 @@ def test_a_shared_rendezvous_store_is_warned_about(tmp_path):
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out
 
 
+@pytest.mark.parametrize("env, said", [
+    ({}, None),
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RESTART_COUNT": "0"},
+     None),
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "2"}, "warning: torchrun may restart"),
+    ({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_RESTART_COUNT": "1"},
+     "restarted by torchrun (restart 1)"),
+])
+def test_elastic_note(monkeypatch, env, said):
+    from fastprocon.distributed import elastic_note
+
+    for key in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    note = elastic_note()
+    assert note == said if said is None else note.startswith(said)
+
+
 if __name__ == "__main__":
     sys.exit(worker(*sys.argv[1:]))
