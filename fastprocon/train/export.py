@@ -114,6 +114,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path, directions_path: Pa
     files = file_index(state, FILE_BYTES)
     groups = file_index(state, PIECE_BYTES * world, within=files)   # each process's share: ~PIECE_BYTES
     sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in state.items()}
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)   # for config.json
     pieces = staging / _SCRATCH
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(pieces), fqn_to_index_mapping=groups,
                                                             save_distributed=True))
@@ -130,7 +131,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: Path, directions_path: Pa
     adapter_weights = adapter_state_dict(model) if adapter else None
     weight_map = {name: _gen_file_name(index, n_files) for name, index in files.items()}
     on_main(lambda: _finish(model, tokenizer, staging, out_dir, directions_path, adapter_weights,
-                            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}))
+                            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, dtype))
     return out_dir
 
 
@@ -167,15 +168,15 @@ def _make_staging(out_dir: Path) -> str:
 
 
 def _finish(model: nn.Module, tokenizer, staging: Path, out_dir: Path, directions_path: Path | None,
-            adapter_weights: dict | None, index: dict) -> None:
+            adapter_weights: dict | None, index: dict, dtype: torch.dtype) -> None:
     """Rank 0, after the weights: index, config, tokenizer, directions, adapter; then the rename."""
     shutil.rmtree(staging / _SCRATCH)
     (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     base = unwrap_model(model)
     config = base.config.__class__.from_dict(base.config.to_dict())   # a copy: the training model keeps its own
-    if hasattr(config, "quantization_config"):   # a GGUF-converted config: the export is plain fp32
+    if hasattr(config, "quantization_config"):   # a GGUF-converted config: the export is plain weights
         del config.quantization_config
-    config.dtype = torch.float32
+    config.dtype = dtype   # what the files hold (the trainer's: fp32)
     config.save_pretrained(staging)
     if getattr(base, "generation_config", None) is not None and base.can_generate():
         base.generation_config.save_pretrained(staging)
