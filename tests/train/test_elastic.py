@@ -1,7 +1,8 @@
 """Elastic restart: a 2-process run under torchrun's elastic agent (c10d rendezvous, --nnodes=1:1,
 --max-restarts=1) loses a process (SIGKILL during step 6, after the checkpoint at step 4); the agent
 stops the other one, starts both again, and the run resumes by itself from that checkpoint and ends
-equal to an uninterrupted 2-process run (norm = l2sq, a smooth penalty).
+equal to an uninterrupted 2-process run (norm = l2sq, a smooth penalty); the warning about torchrun's
+shared rendezvous store, and the line a restarted process says.
 
 Run as a script (under torchrun) this file is the training worker: rank 1 kills itself during step
 6 of the first attempt (TORCHELASTIC_RESTART_COUNT = 0).
@@ -43,12 +44,18 @@ def elastic(*args, share_store=False):
 
 
 def test_a_killed_process_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path):
+    """The uninterrupted run is launched the same way but with torchrun's default shared store, so it
+    also shows the warning the trainer gives about that store (a restart there would fail to connect)."""
     from fastprocon.train.metrics import read_metrics
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    torchrun(__file__, whole, "whole")
+    rc, out, err = elastic(__file__, whole, "whole", share_store=True)
+    assert rc == 0, err[-3000:]
+    assert "warning: torchrun may restart the processes but shares its rendezvous store" in out
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out
     out = elastic(__file__, killed, "kill")
     assert "restarted by torchrun (restart 1)" in out and "step_000004 at step 4" in out, out[-3000:]
+    assert "warning: torchrun may restart" not in out
     got, want = read_metrics(killed), read_metrics(whole)
     assert [r["step"] for r in got] == list(range(1, 9))
     for g, w in zip(got, want):
@@ -56,15 +63,6 @@ def test_a_killed_process_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
         for key in ("ce", "procon", "grad_norm"):
             assert g[key] == pytest.approx(w[key], rel=1e-6, abs=0), (key, g["step"])
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_000008"
-
-
-def test_a_shared_rendezvous_store_is_warned_about(tmp_path):
-    """With the store shared (torchrun's default for c10d), the trainer says at start what to set
-    (a restart would read the previous attempt's addresses); no kill here, so the run ends normally."""
-    rc, out, err = elastic(__file__, tmp_path, "whole", share_store=True)
-    assert rc == 0, err[-3000:]
-    assert "warning: torchrun may restart the processes but shares its rendezvous store" in out
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out
 
 
 @pytest.mark.parametrize("env, said", [
