@@ -54,6 +54,23 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
 
 
+def elastic_note() -> str | None:
+    """What to say at start under torchrun's elastic agent: a warning when it may restart the
+    workers (``--max-restarts`` > 0) while sharing its rendezvous store with them (the c10d
+    rendezvous's default): that store keeps the previous attempt's keys, so restarted processes
+    can read their peers' old addresses and fail to connect (seen with gloo in torch 2.13); else,
+    in a restarted process, that it is one. None otherwise."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts > 0:
+        return ("warning: torchrun may restart the processes but shares its rendezvous store with them, which "
+                "keeps the previous attempt's addresses, so a restart can fail to connect; launch with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (docs/scale.md)")
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if count > 0:
+        return f"restarted by torchrun (restart {count}): resuming from the last intact checkpoint"
+    return None
+
+
 def shutdown(ctx: DistContext, *, clean: bool = True) -> None:
     """Destroy the group if this context made it; after a barrier when ``clean`` (the barrier
     avoids teardown aborts), without one after an error (other processes may never reach it).

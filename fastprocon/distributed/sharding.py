@@ -45,15 +45,16 @@ def mixed_precision_dtype(setting: str, device: torch.device) -> torch.dtype | N
     return None
 
 
-def shard_model(model: nn.Module, layers: nn.ModuleList, param_dtype: torch.dtype | None) -> None:
+def shard_model(model: nn.Module, layers: nn.ModuleList, param_dtype: torch.dtype | None, mesh=None) -> None:
     """FSDP2: ``fully_shard`` each decoder layer, the untied embeddings, then the root (torchtitan's layout).
 
     With ``param_dtype`` (bf16) parameters are gathered and computed in it while gradients
-    are reduced in fp32 and the sharded master weights stay fp32.
+    are reduced in fp32 and the sharded master weights stay fp32. ``mesh``: None (all processes,
+    plain FSDP) or a 2-D DeviceMesh (HSDP, see mesh.training_mesh).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {}
+    kwargs = {} if mesh is None else {"mesh": mesh}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in layers:

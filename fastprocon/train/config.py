@@ -93,8 +93,15 @@ class CheckpointConfig:
     checkpoint_every: int = 0              # steps; 0 = only at the end
     keep_checkpoints: int = 2              # newest complete checkpoints kept
     resume: str = "auto"                   # "auto" (latest in the run dir), "never", or a checkpoint dir
-    export: bool = True                    # write the final model in Hugging Face format
+    export: bool = True                    # write the final model in Hugging Face format (LoRA: merged)
+    export_adapter: bool = False           # LoRA runs: also the adapter alone, in PEFT's format (model/adapter/)
     resume_changes: str | list[str] = ""   # settings that may change meaning on resume: "all" or keys ("alpha,lr")
+
+
+@dataclass
+class ParallelConfig:
+    replicate: int = 1                     # HSDP: replicas of the model (e.g. nodes); 1 = plain FSDP
+    shard: int = 0                         # processes sharing one replica's shards; 0 = processes / replicate
 
 
 @dataclass
@@ -105,6 +112,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,6 +309,10 @@ def validate(cfg: Config) -> None:
          "train.stop_below_min_refusal", "false unless min_refusal_share > 0 and safety_probe_every > 0")
     need(c.checkpoint_every >= 0, "checkpoint.checkpoint_every", ">= 0 (0 = only at the end)")
     need(c.keep_checkpoints >= 1, "checkpoint.keep_checkpoints", ">= 1")
+    need(not c.export_adapter or (c.export and m.lora), "checkpoint.export_adapter",
+         "false unless checkpoint.export and model.lora are true (the adapter of a LoRA run's export)")
+    need(cfg.parallel.replicate >= 1, "parallel.replicate", ">= 1 (1 = plain FSDP)")
+    need(cfg.parallel.shard >= 0, "parallel.shard", ">= 0 (0 = the processes per replica left)")
     need(bool(c.resume), "checkpoint.resume", "'auto', 'never' or a checkpoint directory")
     names = c.resume_changes.split(",") if isinstance(c.resume_changes, str) else c.resume_changes
     unknown = [n.strip() for n in names if n.strip() and n.strip() != "all" and n.strip() not in _key_index()

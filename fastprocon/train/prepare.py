@@ -106,16 +106,17 @@ def prepare_procon(cfg: Config, loaded: LoadedModel, data: TrainingData, run_dir
     return ProConInputs(directions, directions_path, layers, reference, reference_path, widths)
 
 
-def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device, mesh=None) -> torch.nn.Module:
     """LoRA (when model.lora), activation checkpointing (when asked), compiled layers (model.compile),
-    FSDP2: applied to the meta-device model before its weights are loaded (see models.load_model)."""
+    FSDP2 (over ``mesh``: None = all processes, or HSDP's 2-D mesh): applied to the meta-device model
+    before its weights are loaded (see models.load_model)."""
     model = apply_lora(cfg, model) if cfg.model.lora else model
     layers = decoder_layers(model)
     if cfg.model.activation_checkpointing:
         D.apply_activation_checkpointing(layers)
     if D.use_compile(cfg.model.compile, device):
         D.compile_decoder_layers(layers)
-    D.shard_model(model, layers, D.mixed_precision_dtype(cfg.model.mixed_precision, device))
+    D.shard_model(model, layers, D.mixed_precision_dtype(cfg.model.mixed_precision, device), mesh)
     return model
 
 

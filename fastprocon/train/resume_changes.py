@@ -28,7 +28,10 @@ HARMLESS = frozenset({
     "train.probe_max_prompts", "train.probe_samples", "train.probe_batch_size", "train.min_refusal_share",
     "train.stop_below_min_refusal",
     "checkpoint.checkpoint_every", "checkpoint.keep_checkpoints", "checkpoint.resume", "checkpoint.export",
+    "checkpoint.export_adapter",
     "checkpoint.resume_changes",
+    # the same steps sharded another way (FSDP or HSDP): the checkpoints reshard on load
+    "parallel.replicate", "parallel.shard",
 })
 FIXED = frozenset({
     "model.spec", "model.lora", "model.lora_rank", "train.seed", "train.batch_size",

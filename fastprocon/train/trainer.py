@@ -31,7 +31,7 @@ from fastprocon.procon.hooks import ProConHooks, stack_recorded
 from fastprocon.procon.schedule import AlphaSchedule
 from fastprocon.refusal.directions import directions_hash
 from fastprocon.train.batches import StepBatches
-from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
+from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs
 from fastprocon.train.chunked_ce import OutputLayerLoss, check_chunked_ce_exact
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.dashboard import draw_dashboard
@@ -90,16 +90,25 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest(ctx.device)
         self.run_dir = run_dir_of(cfg)
         self.say(f"run directory {self.run_dir} ({ctx.world_size} process(es) on {ctx.device.type})")
+        note = D.elastic_note()   # a torchrun restart, or a launch whose restarts could not connect
+        if note:
+            self.say(note)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         D.barrier()
         torch.manual_seed(cfg.train.seed)
 
+        # FSDP over all processes, or HSDP (parallel.replicate x parallel.shard)
+        replicate, shard = D.mesh_shape(cfg.parallel.replicate, cfg.parallel.shard, ctx.world_size)
+        mesh = D.training_mesh(replicate, shard, ctx.world_size, ctx.device)
+        if mesh is not None:
+            self.say(f"HSDP: {replicate} replicas x {shard} shards")
         # built on the meta device, wrapped (LoRA, checkpointing, FSDP2), then each process reads its shards
         attn = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
         loaded = load_model(cfg.model.spec, dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
-                            attn_implementation=attn, wrap=lambda model: wrap_for_training(cfg, model, ctx.device))
-        self.model_name, self.model_fingerprint = loaded.name, loaded.fingerprint
+                            attn_implementation=attn,
+                            wrap=lambda model: wrap_for_training(cfg, model, ctx.device, mesh))
+        self.model_name, self.model_fingerprint, self.tokenizer = loaded.name, loaded.fingerprint, loaded.tokenizer
         context = context_length(unwrap_model(loaded.model))
         if context is not None and cfg.data.max_length > context:   # positions past it were never trained
             raise ValueError(f"config data.max_length = {cfg.data.max_length} is more than the context of model "
@@ -426,12 +435,11 @@ class Trainer:
                            time.perf_counter() - t_start, written, stopped_by=stopped_by, stopped=stopped)
 
     def export(self) -> Path:
-        full = full_model_state_dict(self.model)   # collective
-        out = self.run_dir / "model"
-        if self.ctx.is_main:
-            path = self.procon.directions_path if self.procon is not None else None
-            export_model(self.cfg, full, out, path)
-        D.barrier()
+        """The model in Hugging Face format in <run dir>/model, written by every process from its
+        own shards (train/export.py). Collective."""
+        path = self.procon.directions_path if self.procon is not None else None
+        out = export_model(self.model, self.tokenizer, self.run_dir / "model", path,
+                           adapter=self.cfg.checkpoint.export_adapter)
         return out
 
 

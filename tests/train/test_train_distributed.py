@@ -26,11 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, nproc=2, check=True):
+def torchrun(*args, nproc=2, check=True, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *map(str, args)]
     # tests/ too: this file, run as the workers' script, imports its helpers from tests/conftest.py
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           **(env or {})}
     # a session of its own, so a timeout ends the workers too, not only the launcher
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -91,6 +92,39 @@ def test_resume_on_one_process_from_a_two_process_checkpoint(two_proc_run, tmp_p
         assert g["lr"] == pytest.approx(w["lr"], rel=1e-12)
         for key in ("ce", "procon"):
             assert g[key] == pytest.approx(w[key], rel=1e-3), (key, g["step"])
+
+
+def test_sharded_export_of_two_processes_equals_the_one_process_export(two_proc_run, tmp_path):
+    """The 2-process export (every process wrote its shards) loads with from_pretrained: the usual
+    consolidated files and index under the model's own names (the tied output embedding once), and the
+    same logits, to the bit, as the export of the same final checkpoint written by 1 process."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from fastprocon.train import load_config, train
+
+    one = tmp_path / "one"
+    shutil.copytree(two_proc_run, one, ignore=shutil.ignore_patterns("model", ".lock"))
+    result = train(load_config("tiny", overrides(one, "export=true")))   # at step 8 already: the export only
+    assert result.start_step == 8 and result.export_dir == one / "model"
+    logits = {}
+    for name, export in (("two", two_proc_run / "model"), ("one", one / "model")):
+        index = json.loads((export / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+        assert not list(export.glob("shard-*")) and not (export / ".sharded").exists()
+        with safe_open(str(export / "model-00001-of-00001.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert keys == set(index["weight_map"]) and "model.embed_tokens.weight" in keys
+        assert "lm_head.weight" not in keys and not any("_orig_mod" in k or "_fsdp" in k for k in keys)
+        model, info = AutoModelForCausalLM.from_pretrained(export, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        assert model.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+        assert (export / "directions.safetensors").is_file() and (export / "tokenizer.json").is_file()
+        with torch.no_grad():
+            logits[name] = model(torch.arange(2, 60)[None]).logits
+    assert torch.equal(logits["one"], logits["two"])
 
 
 def test_a_locked_run_directory_stops_every_process_at_once(tmp_path):

@@ -335,7 +335,7 @@ def test_export_staging_left_by_a_kill_is_removed_and_the_summary_has_the_whole_
     assert summary["start_step"] == 2 and summary["first_ce"] == records[0]["ce"] != records[2]["ce"]
     assert summary["last_ce"] == records[2]["ce"]
 
-    def killed_mid_export(cfg, state_dict, out_dir, directions):   # as a kill -9 would leave it
+    def killed_mid_export(model, tokenizer, out_dir, directions, **kwargs):   # as a kill -9 would leave it
         (Path(out_dir).parent / f".{Path(out_dir).name}.abc123").mkdir()
         raise KeyboardInterrupt("killed during the export")
 
