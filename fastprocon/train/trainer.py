@@ -207,7 +207,7 @@ class Trainer:
             self._acc[0] += micro_step(self.model, inputs, mb["targets"], ce_factor, dev, output_loss=self.output_loss,
                                        aux_factor=1 / len(micro_batches), **procon)
         if scale is not None:
-            self._acc[1] += self.hooks.take_penalty() / scale
+            self._acc[1] += self.hooks.take_penalty()    # unscaled: the logged penalty
         self._n_pred_acc += n_pred
         self._n_tok_acc += int(self._n_tok[idx].sum())
         self._flops_acc += training_flops(*self._flops_base, self._n_tok[idx].tolist()) / world
