@@ -20,12 +20,20 @@ from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
 from fastprocon.train.loss import ce_sum
 
 
+def pinned(t, pin: bool = True):
+    """A CPU batch tensor in page-locked memory when ``pin`` (for a CUDA device: the copy to it can
+    then overlap the computation); anything else (an int argument) as it is."""
+    if not pin or not isinstance(t, torch.Tensor) or t.is_pinned():
+        return t
+    return t.pin_memory()
+
+
 def to_device(t, device: torch.device):
-    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA);
-    anything else (an int argument) as it is."""
+    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA,
+    unless already pinned: see :func:`pinned`); anything else (an int argument) as it is."""
     if device.type != "cuda" or not isinstance(t, torch.Tensor):
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return pinned(t).to(device, non_blocking=True)
 
 
 def forward_ce_sum(model: torch.nn.Module, inputs: dict, targets: Tensor, device: torch.device,

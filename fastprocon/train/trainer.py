@@ -30,7 +30,7 @@ from fastprocon.procon.config import procon_scale
 from fastprocon.procon.hooks import ProConHooks, stack_recorded
 from fastprocon.procon.schedule import AlphaSchedule
 from fastprocon.refusal.directions import directions_hash
-from fastprocon.train.batches import StepBatches
+from fastprocon.train.batches import StepBatches, cached_z0
 from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
 from fastprocon.train.chunked_ce import OutputLayerLoss, check_chunked_ce_exact
 from fastprocon.train.config import Config, to_toml, validate
@@ -47,13 +47,14 @@ from fastprocon.train.metrics import (
     reset_peak_memory,
     training_flops,
 )
-from fastprocon.train.packing import forward_kwargs, pack_like, use_packing
+from fastprocon.train.packing import forward_kwargs, use_packing
+from fastprocon.train.prefetch import Prefetcher
 from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
 from fastprocon.train.resume_changes import HARMLESS, config_changes, recorded_config, version_file
 from fastprocon.train.schedule import WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
-from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, to_device
+from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, pinned, to_device
 from fastprocon.utils.checksums import file_sha256, tree_sha256
 from fastprocon.utils.io import atomic_path, write_json
 
@@ -152,6 +153,7 @@ class Trainer:
             self.hooks = ProConHooks(model, self.procon.layers, rows, norm=p.norm, delta=p.delta, backend=p.backend,
                                      widths=widths)
         self.probe = None
+        self._prefetch: Prefetcher | None = None    # within fit: the batches of the next steps, made ahead
         if cfg.train.safety_probe_every:
             self.probe = SafetyProbe(cfg, ctx, loaded, self.data.examples, self.procon, self.run_dir, self.say)
 
@@ -184,46 +186,58 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
 
+    def prepare_step(self, step: int) -> dict:
+        """The host side of optimizer step ``step``: this rank's micro-batches (token reads, packing,
+        collation, the response mask, the z0 gather from the reference cache; pinned on CUDA) and the
+        step's global counts. Device-free and reading shared state only, so the prefetch thread runs
+        it ahead of the training thread (fit); :meth:`accumulate_gradients` calls it when not given."""
+        world, pin = self.ctx.world_size, self.ctx.device.type == "cuda"
+        idx = self.batches.global_indices(step)
+        alpha = self.alpha(step)
+        scale = procon_scale(alpha, self.cfg.procon.reduction, world, len(idx), int(self._n_resp[idx].sum())) \
+            if alpha > 0 else None
+        micro_batches = []
+        for mb in self.batches.micro_batches(step):
+            inputs = forward_kwargs(mb, varlen_kwargs=self.varlen_kwargs)
+            item = {"inputs": {k: pinned(v, pin) for k, v in inputs.items()}, "targets": mb["targets"],
+                    "weight": None, "z0": None}
+            if scale is not None:
+                item["weight"] = pinned(mb["labels"] != IGNORE_INDEX, pin)
+                if self.procon.reference is not None:   # else recorded by the model itself (_recorded_z0)
+                    item["z0"] = pinned(cached_z0(self.procon.reference, mb, len(self.procon.layers)), pin)
+            micro_batches.append(item)
+        return {"step": step, "micro_batches": micro_batches, "scale": scale, "n_samples": len(idx),
+                "n_pred": int(self._n_pred[idx].sum()), "n_tok": int(self._n_tok[idx].sum()),
+                "flops": training_flops(*self._flops_base, self._n_tok[idx].tolist()) / world}
+
     def accumulate_gradients(self, step: int) -> None:
         """Forward and backward of this rank's micro-batches of optimizer step ``step`` (0-based),
-        adding into the parameters' gradients; accumulates logged sums on the device."""
-        cfg, dev, world = self.cfg, self.ctx.device, self.ctx.world_size
-        idx = self.batches.global_indices(step)
-        n_pred = int(self._n_pred[idx].sum())
-        alpha = self.alpha(step)
+        adding into the parameters' gradients; accumulates logged sums on the device. The batches
+        come from the prefetch thread within :meth:`fit` (train.prefetch > 0), else are made here."""
+        prepared = self._prefetch.get(step) if self._prefetch is not None else self.prepare_step(step)
+        dev, world = self.ctx.device, self.ctx.world_size
         scale = None
-        if alpha > 0:
-            value = procon_scale(alpha, cfg.procon.reduction, world, len(idx), int(self._n_resp[idx].sum()))
-            scale = torch.full((), value, dtype=torch.float32, device=dev)   # a fill: no host-device copy
-            self._procon_samples += len(idx)
-        ce_factor = world / max(n_pred, 1)
-        micro_batches = self.batches.micro_batches(step)
+        if prepared["scale"] is not None:
+            scale = torch.full((), prepared["scale"], dtype=torch.float32, device=dev)   # a fill: no host-device copy
+            self._procon_samples += prepared["n_samples"]
+        ce_factor = world / max(prepared["n_pred"], 1)
+        micro_batches = prepared["micro_batches"]
         for mb in micro_batches:
-            inputs = {k: to_device(v, dev) for k, v in forward_kwargs(mb, varlen_kwargs=self.varlen_kwargs).items()}
+            inputs = {k: to_device(v, dev) for k, v in mb["inputs"].items()}
             procon = {}
             if scale is not None:
-                procon = dict(hooks=self.hooks, weight=to_device(mb["labels"] != IGNORE_INDEX, dev),
-                              z0=self._z0(mb, inputs), scale=scale)
+                z0 = to_device(mb["z0"], dev) if mb["z0"] is not None else self._recorded_z0(inputs)
+                procon = dict(hooks=self.hooks, weight=to_device(mb["weight"], dev), z0=z0, scale=scale)
             self._acc[0] += micro_step(self.model, inputs, mb["targets"], ce_factor, dev, output_loss=self.output_loss,
                                        aux_factor=1 / len(micro_batches), **procon)
         if scale is not None:
             self._acc[1] += self.hooks.take_penalty()    # unscaled: the logged penalty
-        self._n_pred_acc += n_pred
-        self._n_tok_acc += int(self._n_tok[idx].sum())
-        self._flops_acc += training_flops(*self._flops_base, self._n_tok[idx].tolist()) / world
+        self._n_pred_acc += prepared["n_pred"]
+        self._n_tok_acc += prepared["n_tok"]
+        self._flops_acc += prepared["flops"]
 
-    def _z0(self, mb: dict, inputs: dict) -> torch.Tensor:
-        """[n_layers, B, T] reference projections of a micro-batch (B = 1 for a packed row): from
-        the cache, or from this model with its LoRA adapters off (the initial model)."""
-        reference = self.procon.reference
-        if reference is not None:
-            if not mb["ids"]:       # an empty row (packing): no response token
-                return torch.zeros(len(self.procon.layers), *mb["input_ids"].shape, device=self.ctx.device)
-            if "pack_mask" in mb:
-                z0 = pack_like(reference.gather(mb["ids"], mb["padded_labels"]), mb["pack_mask"])
-            else:
-                z0 = reference.gather(mb["ids"], mb["labels"])
-            return to_device(z0, self.ctx.device)
+    def _recorded_z0(self, inputs: dict) -> torch.Tensor:
+        """z0 of a micro-batch from this model with its LoRA adapters off (the initial model)."""
         with torch.no_grad(), self.model.disable_adapter(), self.hooks.recording() as recorded:
             self.model(**inputs, use_cache=False, logits_to_keep=1)
         return stack_recorded(recorded)
@@ -382,9 +396,12 @@ class Trainer:
         written, done, stopped_by, stopped, self._postfix = [], start, None, None, {}
         every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
         hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()
+        # the next steps' batches made by a background thread while this one computes (train.prefetch)
+        prefetch = Prefetcher(self.prepare_step, range(start, self.max_steps), depth=cfg.train.prefetch,
+                              on_start=self._worker_device) if cfg.train.prefetch else contextlib.nullcontext()
         # a signal during the steps only sets a flag, agreed on by all processes at each step boundary
-        with hooks, self.stop.deferred(), tqdm(total=self.max_steps, initial=start, desc="train", unit="step",
-                                               disable=not self.ctx.is_main) as bar:
+        bar = tqdm(total=self.max_steps, initial=start, desc="train", unit="step", disable=not self.ctx.is_main)
+        with hooks, prefetch as self._prefetch, self.stop.deferred(), bar:
             if self.probe is not None and start == 0:
                 self.run_probe(0)
                 bar.set_postfix(self._postfix)
@@ -413,6 +430,7 @@ class Trainer:
                     break
             if stopped_by is None and not stopped and done > start:   # a signal during the last step or its checkpoint
                 stopped_by = self.stop.agreed(now=True)
+        self._prefetch = None
         latest = self.ckpt.latest()
         halted = stopped_by is not None or stopped is not None
         export_dir = self.export() if cfg.checkpoint.export and not halted else None
@@ -421,6 +439,10 @@ class Trainer:
             self.say(f"safety dashboard: {draw_dashboard(self.run_dir)}")
         return TrainResult(self.run_dir, start, done if halted else self.max_steps, latest, export_dir,
                            time.perf_counter() - t_start, written, stopped_by=stopped_by, stopped=stopped)
+
+    def _worker_device(self) -> None:
+        if self.ctx.device.type == "cuda":   # pinned buffers of the prefetch thread: this process's device
+            torch.cuda.set_device(self.ctx.device)
 
     def export(self) -> Path:
         full = full_model_state_dict(self.model)   # collective
