@@ -146,6 +146,9 @@ class ProConHooks:
         if self.norm == "band" and self.widths is None:
             raise RuntimeError("norm='band' needs the per-layer band widths: pass widths= (or call set_widths) "
                                "before arming the hooks")
+        if not (weight.dtype == torch.bool or weight.is_floating_point()) or not z0.is_floating_point():
+            raise TypeError(f"weight must be a bool or float tensor and z0 a float tensor, got {weight.dtype} and "
+                            f"{z0.dtype}")
         for name, t in (("weight", weight), ("z0", z0), ("scale", scale)):
             if isinstance(t, Tensor) and t.device != self.directions.device:
                 raise ValueError(f"{name} is on {t.device} but the directions are on {self.directions.device}")

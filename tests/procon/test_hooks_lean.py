@@ -148,3 +148,15 @@ def test_a_layer_input_of_another_shape_is_refused():
         hooks.arm(mb["weight"][:, :-1], mb["z0"][:, :, :-1], 1.0)
         with pytest.raises(ValueError, match=r"layer 0 input is \(3, 13, 64\).*armed weight is \(3, 12\)"):
             model(**packing.forward_kwargs(mb, varlen_kwargs=False), use_cache=False)
+
+
+def test_arm_refuses_inputs_the_kernels_cannot_take():
+    model = load_model("tiny").model.train()
+    mb = micro_batch("padded")
+    hooks = ProConHooks(model, LAYERS, directions())
+    with pytest.raises(TypeError, match="weight must be a bool or float tensor and z0 a float tensor, got torch.int64"):
+        hooks.arm(mb["weight"].long(), mb["z0"], 1.0)
+    with pytest.raises(TypeError, match="got torch.bool and torch.int64"):
+        hooks.arm(mb["weight"], mb["z0"].long(), 1.0)
+    with pytest.raises(ValueError, match="z0 is on meta but the directions are on cpu"):
+        hooks.arm(mb["weight"], mb["z0"].to("meta"), 1.0)
