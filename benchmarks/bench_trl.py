@@ -6,6 +6,9 @@ Variants (``--variants``):
   fastprocon-procon  fastprocon train with the config's ProCon at every step (schedule "constant")
   trl-padded         SFTTrainer, packing = False (each micro-batch padded to its longest sample)
   trl-packed         SFTTrainer, packing = True (its best-fit-decreasing packing, padding-free rows)
+  trl-*-procon       the same with ProCon added by fastprocon.integrations.add_procon (the config's
+                     [procon] at every step; directions from the fastprocon-procon run when it ran
+                     first; z0 recorded by its pre-pass over TRL's data loader, not timed)
 Same model (the config's model.spec, loaded by fastprocon.models.load_model for TRL too), same
 data (the fastprocon trainer's tokenized training set, prompt labels -100, handed to TRL as
 ``input_ids`` + ``labels``: no re-tokenisation), same batch (TRL's per-device batch =
@@ -27,8 +30,9 @@ median over rounds.
     python benchmarks/bench_trl.py --config default --steps 12 --warmup 2 --rounds 3
     python benchmarks/bench_trl.py --config tiny --steps 3 --warmup 1 --rounds 1 --out /tmp/trl.csv   # smoke
 
-TRL is optional: without it the TRL variants are skipped with a message (install it with
-``pip install --no-deps trl==1.16.0``: its requirements are transformers' and datasets' own).
+TRL is optional: without it the TRL variants are skipped with a message. trl 1.16.0 installs with
+``pip install --no-deps trl==1.16.0`` into this project's environment, whose packages already meet
+its requirements (accelerate, datasets, pandas, pyarrow, ...): torch and transformers stay as pinned.
 """
 from __future__ import annotations
 
@@ -44,10 +48,12 @@ import harness
 import torch
 
 import fastprocon.distributed as D
+from fastprocon.integrations import add_procon
 from fastprocon.models.load import load_model
 from fastprocon.train import Trainer, load_config
 
-VARIANTS = ("fastprocon-off", "fastprocon-procon", "trl-padded", "trl-packed")
+VARIANTS = ("fastprocon-off", "fastprocon-procon", "trl-padded", "trl-packed", "trl-padded-procon",
+            "trl-packed-procon")
 FIELDS = harness.ENV_FIELDS + (
     "config", "model", "variant", "trl_version", "batch", "micro_batch", "max_length", "rounds", "steps", "warmup",
     "real_tokens_per_s", "p20_tokens_per_s", "p80_tokens_per_s", "vs_fastprocon_off")
@@ -91,8 +97,9 @@ def training_set(args, run_dir: Path):
     return load_training_data(cfg, loaded.tokenizer).examples, cfg
 
 
-def trl_run(args, packed: bool, examples, cfg, out_dir: Path) -> tuple[float, float]:
-    """(real tokens, seconds) of the timed steps of one SFTTrainer run."""
+def trl_run(args, packed: bool, procon: bool, examples, cfg, out_dir: Path, shared: dict) -> tuple[float, float]:
+    """(real tokens, seconds) of the timed steps of one SFTTrainer run (with ProCon added by
+    fastprocon.integrations when ``procon``)."""
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -132,6 +139,11 @@ def trl_run(args, packed: bool, examples, cfg, out_dir: Path) -> tuple[float, fl
     handle = loaded.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     trainer = SFTTrainer(model=loaded.model, args=sft, train_dataset=dataset, processing_class=loaded.tokenizer,
                          callbacks=[StepTimes()])
+    if procon:
+        p = cfg.procon
+        add_procon(trainer, schedule="constant", alpha=p.alpha, layers=p.layers, norm=p.norm, delta=p.delta,
+                   reduction=p.reduction, **({"directions": str(shared["directions"])} if shared else {}))
+    counted.zero_()   # the pre-pass's forwards are not training tokens
     trainer.train()
     handle.remove()
     tokens = int(counted) - marks.get("tokens_at_warmup", 0)
@@ -177,7 +189,8 @@ def main(argv=None) -> int:
                 if v.startswith("fastprocon-"):
                     tokens, seconds, info = fastprocon_run(args, run_dir, v == "fastprocon-procon", shared)
                 else:
-                    tokens, seconds = trl_run(args, v == "trl-packed", examples, cfg, run_dir)
+                    tokens, seconds = trl_run(args, v.startswith("trl-packed"), v.endswith("-procon"), examples, cfg,
+                                              run_dir, shared)
                 rates[v].append(tokens / seconds)
                 print(f"round {r + 1}/{args.rounds} {v}: {tokens / seconds:.0f} real tokens/s", file=sys.stderr)
     if cfg is not None and not info:
