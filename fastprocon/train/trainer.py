@@ -54,7 +54,7 @@ from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
 from fastprocon.train.resume_changes import HARMLESS, config_changes, recorded_config, version_file
 from fastprocon.train.schedule import WarmupCosine, follow_config
 from fastprocon.train.signals import StopRequest
-from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, pinned, to_device
+from fastprocon.train.step import ce_targets, make_optimizer, micro_step, optimizer_update, pinned, to_device
 from fastprocon.utils.checksums import file_sha256, tree_sha256
 from fastprocon.utils.io import atomic_path, write_json
 
@@ -188,9 +188,10 @@ class Trainer:
 
     def prepare_step(self, step: int) -> dict:
         """The host side of optimizer step ``step``: this rank's micro-batches (token reads, packing,
-        collation, the response mask, the z0 gather from the reference cache; pinned on CUDA) and the
-        step's global counts. Device-free and reading shared state only, so the prefetch thread runs
-        it ahead of the training thread (fit); :meth:`accumulate_gradients` calls it when not given."""
+        collation, the CE's targets, the response mask, the z0 gather from the reference cache; pinned
+        on CUDA) and the step's global counts. Device-free and reading shared state only, so the
+        prefetch thread runs it ahead of the training thread (fit); :meth:`accumulate_gradients`
+        calls it otherwise."""
         world, pin = self.ctx.world_size, self.ctx.device.type == "cuda"
         idx = self.batches.global_indices(step)
         alpha = self.alpha(step)
@@ -200,7 +201,7 @@ class Trainer:
         for mb in self.batches.micro_batches(step):
             inputs = forward_kwargs(mb, varlen_kwargs=self.varlen_kwargs)
             item = {"inputs": {k: pinned(v, pin) for k, v in inputs.items()}, "targets": mb["targets"],
-                    "weight": None, "z0": None}
+                    "ce": ce_targets(mb["targets"], self.output_loss, pin), "weight": None, "z0": None}
             if scale is not None:
                 item["weight"] = pinned(mb["labels"] != IGNORE_INDEX, pin)
                 if self.procon.reference is not None:   # else recorded by the model itself (_recorded_z0)
@@ -229,7 +230,7 @@ class Trainer:
                 z0 = to_device(mb["z0"], dev) if mb["z0"] is not None else self._recorded_z0(inputs)
                 procon = dict(hooks=self.hooks, weight=to_device(mb["weight"], dev), z0=z0, scale=scale)
             self._acc[0] += micro_step(self.model, inputs, mb["targets"], ce_factor, dev, output_loss=self.output_loss,
-                                       aux_factor=1 / len(micro_batches), **procon)
+                                       aux_factor=1 / len(micro_batches), prepared_targets=mb["ce"], **procon)
         if scale is not None:
             self._acc[1] += self.hooks.take_penalty()    # unscaled: the logged penalty
         self._n_pred_acc += prepared["n_pred"]
