@@ -29,13 +29,12 @@ from fastprocon.penalty.functional import resolve_backend
 from fastprocon.procon.config import procon_scale
 from fastprocon.procon.hooks import ProConHooks, stack_recorded
 from fastprocon.procon.schedule import AlphaSchedule
-from fastprocon.refusal.directions import directions_hash
 from fastprocon.train.batches import StepBatches, cached_z0
-from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs, full_model_state_dict
+from fastprocon.train.checkpoint import CheckpointManager, check_same_inputs, full_model_state_dict
 from fastprocon.train.chunked_ce import OutputLayerLoss, check_chunked_ce_exact
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.dashboard import draw_dashboard
-from fastprocon.train.export import clean_export_staging, export_model
+from fastprocon.train.export import export_model
 from fastprocon.train.metrics import (
     MetricsLog,
     attention_width,
@@ -43,7 +42,6 @@ from fastprocon.train.metrics import (
     matmul_params,
     peak_flops,
     peak_memory_gib,
-    read_metrics,
     reset_peak_memory,
     training_flops,
 )
@@ -51,12 +49,12 @@ from fastprocon.train.packing import forward_kwargs, use_packing
 from fastprocon.train.prefetch import Prefetcher
 from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
-from fastprocon.train.resume_changes import HARMLESS, config_changes, recorded_config, version_file
-from fastprocon.train.schedule import WarmupCosine, follow_config
+from fastprocon.train.resume import ResumingTrainer
+from fastprocon.train.resume_changes import version_file
+from fastprocon.train.schedule import WarmupCosine
 from fastprocon.train.signals import StopRequest
 from fastprocon.train.step import ce_targets, make_optimizer, micro_step, optimizer_update, pinned, to_device
-from fastprocon.utils.checksums import file_sha256, tree_sha256
-from fastprocon.utils.io import atomic_path, write_json
+from fastprocon.utils.io import atomic_path
 
 _NO_BAD_STEP = 2**62
 
@@ -78,7 +76,7 @@ class TrainResult:
     stopped: str | None = None      # why the refusal guard stopped the run before max_steps, else None
 
 
-class Trainer:
+class Trainer(ResumingTrainer):
     """Builds everything from a :class:`Config` on an initialised process group (see
     :func:`train`), then :meth:`fit` runs the loop."""
 
@@ -316,74 +314,6 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def _identity(self) -> tuple[dict, dict]:
-        """(model, data) identity a checkpoint must match to be resumed (see checkpoint.check_resumable)."""
-        t = self.cfg.train
-        return ({"model": self.model_name, "model_fingerprint": self.model_fingerprint, "lora": self.cfg.model.lora},
-                {"dataset_hash": self.data.hash, "batch_size": t.batch_size, "seed": t.seed})
-
-    def _procon_inputs(self) -> dict | None:
-        """The directions and reference cache this run trains with (paths and hashes), recorded in
-        every checkpoint and compared on resume (see checkpoint.check_same_inputs)."""
-        if self.procon is None:
-            return None
-        p = self.procon
-        return {"directions": str(p.directions_path), "directions_hash": directions_hash(p.directions),
-                "reference": str(p.reference_path) if p.reference_path else None,
-                "reference_sha256": tree_sha256(p.reference_path) if p.reference_path else None,
-                # every file of the cache (index and shards), by name: a rewritten shard is named on resume
-                "reference_files": {f.name: file_sha256(f) for f in p.reference.files.file_paths()}
-                if p.reference is not None else None}
-
-    def _trainer_state(self, step: int) -> dict:
-        model, data = self._identity()
-        return {"scheduler": self.scheduler.state_dict(), "data": {**self.batches.position(step), **data},
-                "procon_inputs": self._inputs, "config": self.cfg.to_dict(), **model}
-
-    def _plan_resume(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its trainer state, checked against this config on
-        rank 0 (every rank gets rank 0's answer, or its error); None = a fresh start."""
-        removed = self.ckpt.clean_partial()
-        if removed:
-            self.say(f"removed incomplete checkpoint(s) {', '.join(removed)} left by an interrupted save")
-        staging = D.on_main(lambda: clean_export_staging(self.run_dir / "model"))
-        if staging:
-            self.say(f"removed {', '.join(staging)}: staging left by an interrupted export")
-        plan = D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity(),
-                                                       config=self.cfg.to_dict()))
-        if plan is None:
-            return None
-        path, state, note = plan
-        if note:
-            self.say(f"warning: {note}")
-        return path, state
-
-    def _resume(self) -> int:
-        self._config_changes = {}
-        if self._resume_from is None:
-            D.on_main(lambda: self.metrics.truncate_after(-1))   # a fresh start: no line survives (probe step 0 too)
-            return 0
-        path, state = self._resume_from
-        self.ckpt.load(path, state, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        o = self.cfg.optim
-        changes = follow_config(self.scheduler, o.lr, WarmupCosine(o.lr_warmup_steps, self.max_steps, o.min_lr_ratio))
-        if changes:
-            self.say(f"LR schedule changed since {path.name} ({', '.join(changes)}): following the config from "
-                     f"step {state['step']} (lr now {self.scheduler.get_last_lr()[0]:g})")
-        note = D.on_main(lambda: self.metrics.truncate_after(state["step"]))
-        if note:
-            self.say(f"warning: {note}")
-        recorded = recorded_config(path, state)
-        self._config_changes = config_changes(recorded, self.cfg.to_dict()) if recorded is not None else {}
-        if self._config_changes:   # each allowed (checked by plan_resume); fit keeps the new config version
-            self.say(f"config changed since {path.name}: " + ", ".join(
-                f"{key} {old!r} -> {new!r}" for key, (old, new) in self._config_changes.items()))
-        if any(key not in HARMLESS for key in self._config_changes):   # a change of meaning, allowed: on record
-            self.metrics.write({"step": state["step"], "config_changes": self._config_changes})
-        self.say(f"resumed from {path} at step {state['step']} (saved by {state['world_size']} process(es))")
-        return state["step"]
-
     def fit(self) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
         start = self._resume()
@@ -454,49 +384,3 @@ class Trainer:
         D.barrier()
         return out
 
-
-def train(cfg: Config) -> TrainResult:
-    """Run training for ``cfg`` (single process, or under torchrun). Writes the run directory:
-    config.toml, metrics.jsonl, checkpoints/, model/ (the export), summary.json; holds its .lock
-    for the whole run (a second run there fails at once)."""
-    validate(cfg)   # before the process group: a bad Config edited after load_config fails up front
-    ctx = D.init_distributed(cfg.model.device)
-    trainer, lock, stop = None, RunLock(run_dir_of(cfg)), StopRequest(ctx.device)
-    # SIGTERM/SIGINT: a checkpoint after the current step (see train/signals.py); outside the steps
-    # they raise signals.Interrupted
-    with stop.installed():
-        try:
-            lock.acquire()                 # rank 0 holds <run dir>/.lock until the run ends
-            trainer = Trainer(cfg, ctx, stop)
-            result = trainer.fit()
-            if ctx.is_main:
-                write_json(result.run_dir / "summary.json", summary_of(result, trainer))
-        except BaseException:
-            del trainer
-            lock.release()
-            D.shutdown(ctx, clean=False)   # no barrier: the other processes may be stuck elsewhere
-            raise
-        del trainer                        # the FSDP model goes before the group (see D.shutdown)
-        lock.release()
-        D.shutdown(ctx)
-    return result
-
-
-def summary_of(result: TrainResult, trainer: Trainer) -> dict:
-    """The run's summary: CE and ProCon from the whole metrics.jsonl (also the steps of earlier,
-    resumed invocations), so a resumed or re-exported run reports the run, not its last segment."""
-    records = read_metrics(result.run_dir) if (result.run_dir / "metrics.jsonl").is_file() else []
-    records = [r for r in records if "ce" in r]   # training lines (probe lines have probe_* keys only)
-    first = records[0] if records else None
-    last = records[-1] if records else None
-    return {"run_dir": str(result.run_dir), "model": trainer.model_name, "processes": trainer.ctx.world_size,
-            "device": trainer.ctx.device.type, "start_step": result.start_step, "final_step": result.final_step,
-            "seconds": round(result.seconds, 2), "examples": len(trainer.data.examples),
-            "schedule": trainer.alpha.describe(),
-            "constrained_layers": trainer.procon.layers if trainer.procon else [],
-            "first_ce": first["ce"] if first else None, "last_ce": last["ce"] if last else None,
-            "last_procon": last["procon"] if last else None,
-            "stopped": result.stopped, "probe_seconds": round(trainer.probe.seconds, 2) if trainer.probe else None,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-            "export_dir": str(result.export_dir) if result.export_dir else None,
-            "stopped_by": result.stopped_by}
