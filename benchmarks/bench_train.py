@@ -39,6 +39,11 @@ ProCon off and on; see train_setups.py), into setups_<device tag>.csv and .png:
         --data ../shared/data/gsm8k/train.jsonl --rows 256 --max-length 512 --batch 8 --micro-batch 4
     python benchmarks/bench_train.py --setups padded chunked --models llama3-128k-small --batch 4 --seq 512
 
+``--host CONFIG``: the training thread's host time per step outside forward + backward of
+``fastprocon train`` on a config, batches made on it or by the prefetch thread (host_time.py):
+
+    python benchmarks/bench_train.py --host default --pairs 10 --host-steps 6
+
 ``--setups ... --pairs N``: the ProCon overhead per set-up from N interleaved (off, fused) pairs on
 one batch, with its spread, and the compile time of compiled set-ups (no memory pass; see
 train_setups.py):
@@ -56,6 +61,7 @@ import time
 from pathlib import Path
 
 import harness
+import host_time
 import torch
 import train_setups
 from tqdm.auto import tqdm
@@ -265,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(step 0) instead of --steps, for the ProCon overhead and its spread; "
                                               "--warmup untimed steps first; no memory pass")
     p.add_argument("--time-limit", type=float, help="--pairs: stop the pairs after this many seconds (whole rounds)")
+    host_time.add_arguments(p)
     p.add_argument("--memory-pass", type=Path, help=argparse.SUPPRESS)   # internal: CPU memory pass output
     p.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/train_<device tag>.csv)")
     return p
@@ -278,8 +285,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.pairs is not None and (args.pairs < 1 or not args.setups):
-        raise SystemExit("--pairs needs --setups and must be >= 1")
+    if args.host:
+        args.pairs = 5 if args.pairs is None else args.pairs
+        if args.pairs < 1 or args.host_steps < 2 or args.prefetch_depth < 1:
+            raise SystemExit("--host needs --pairs >= 1, --host-steps >= 2 and --prefetch-depth >= 1")
+    elif args.pairs is not None and (args.pairs < 1 or not args.setups):
+        raise SystemExit("--pairs needs --setups (or --host) and must be >= 1")
     for name in ("batch", "seq", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -292,6 +303,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = harness.start(args)
+    if args.host:
+        return host_time.bench(args, argv, device)
     if args.setups:
         return main_setups(args, argv, device)
     if args.memory_pass is not None:

@@ -7,13 +7,16 @@
 #      bench_train.py --setups: padded vs packed vs chunked CE vs compiled layers vs all three, each
 #      with ProCon off and on, at a Llama-3-8B shape (4 layers, bf16, samples of 256-2048 tokens):
 #      real tokens/s, padding fraction, peak memory, MFU (real tokens, attention per sample);
-#   4. bench_load_gpu.py --export: a Llama-3-8B-shaped model at full depth loaded through the sharded
+#   4. bench_ops.py: operators and kernel launches ProCon adds per constrained layer to one training
+#      micro-step (tiny, SmolLM2-135M shapes); bench_train.py --host: the training thread's host
+#      time per step outside forward + backward, batches made on it vs by the prefetch thread;
+#   5. bench_load_gpu.py --export: a Llama-3-8B-shaped model at full depth loaded through the sharded
 #      path, then exported the trainer's way (sharded DCP write + consolidation into HF files): peak
 #      GPU and host memory of the process during each;
-#   5. figures and README_perf.md (report.py); a short summary is printed last.
+#   6. figures and README_perf.md (report.py); a short summary is printed last.
 # Output, in $OUT (default benchmarks/results/): penalty_<card>.csv, train_<card>.csv,
-# setups_<card>.csv, their three PNGs, load8b_<card>.csv, export8b_<card>.csv, README_perf.md and
-# gpu_check.log: ten files. Installs and downloads nothing (needs torch,
+# setups_<card>.csv, their three PNGs, ops_<card>.csv, host_<card>.csv, load8b_<card>.csv,
+# export8b_<card>.csv, README_perf.md and gpu_check.log: twelve files. Installs and downloads nothing (needs torch,
 # triton, transformers, tqdm; pytest for the tests, matplotlib for the figures) and needs no
 # model weights. Each stage has a time limit; together they stay under 9.5 minutes (the device tool
 # allows 10 minutes a command), with the most important figures first.
@@ -78,14 +81,18 @@ if [ "$SMOKE" = 1 ]; then
   PENALTY_ARGS=(--preset smoke --time-budget-s 60)
   TRAIN_ARGS=(--models tiny --batch 2 --seq 32 --warmup 1 --rounds 2)
   LOAD_ARGS=(--toy --export); LOAD_LIMIT=120
+  OPS_ARGS=(--models tiny --seq 16 --layouts padded)
+  HOST_ARGS=(--pairs 1 --host-steps 2 --set max_steps=4)
   # no "compiled"/"all" here: inductor's C++ build on a CPU would take minutes
   SETUPS_ARGS=(--setups padded packed chunked --models tiny --batch 4 --micro-batch 2 --seq 32 --seq-min 8 --steps 1)
 else
-  PENALTY_ARGS=(--preset gpu --time-budget-s 55)        # shapes not started by 55 s are skipped
+  PENALTY_ARGS=(--preset gpu --time-budget-s 45)        # shapes not started by 45 s are skipped
   TRAIN_ARGS=(--models llama3-8b:4 llama3.2-1b --dtype bf16 --batch 4 --seq 2048)
   # the load (~16 GB written, then read) and the export (~16 GB of pieces, then ~16 GB consolidated)
   # get what the stages before left of the 9.5 minutes (at least the 90 s the load alone had)
   LOAD_ARGS=(--export); LOAD_LIMIT=0
+  OPS_ARGS=(--models tiny smollm2-135m)
+  HOST_ARGS=(--pairs 5 --host-steps 6)
   SETUPS_ARGS=(--setups padded packed chunked compiled all --models llama3-8b:4 --dtype bf16 --batch 8
                --micro-batch 4 --seq 2048 --seq-min 256 --steps 2)
 fi
@@ -93,7 +100,7 @@ fi
 if echo "$ENV_REPORT" | grep -q '^missing:.*pytest'; then
   skip "GPU tests (kernels, trainer)" "pytest is not installed"
 else
-  stage "GPU tests (kernels, trainer)" 120 \
+  stage "GPU tests (kernels, trainer)" 105 \
     env TRITON_INTERPRET=0 FASTPROCON_GPU_TESTS=1 "$PY" -m pytest "$REPO/tests/gpu" -q --maxfail=5 -p no:cacheprovider \
       --durations=5
   # -k: the interpreted-kernel case belongs to the CPU suite (and Triton 3.6's interpreter fails
@@ -101,10 +108,15 @@ else
   stage "API error tests" 25 "$PY" -m pytest "$REPO/tests/penalty/test_penalty_errors.py" -q -p no:cacheprovider \
     -k "not interpreted"
 fi
-stage bench_penalty 90 "$PY" "$REPO/benchmarks/bench_penalty.py" "${PENALTY_ARGS[@]}" --out "$OUT/penalty_$TAG.csv"
+stage bench_penalty 75 "$PY" "$REPO/benchmarks/bench_penalty.py" "${PENALTY_ARGS[@]}" --out "$OUT/penalty_$TAG.csv"
 stage bench_train 70 "$PY" "$REPO/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --out "$OUT/train_$TAG.csv"
-stage "bench_train setups" 130 "$PY" "$REPO/benchmarks/bench_train.py" "${SETUPS_ARGS[@]}" \
+stage "bench_train setups" 110 "$PY" "$REPO/benchmarks/bench_train.py" "${SETUPS_ARGS[@]}" \
   --out "$OUT/setups_$TAG.csv"
+stage bench_ops 40 "$PY" "$REPO/benchmarks/bench_ops.py" "${OPS_ARGS[@]}" --out "$OUT/ops_$TAG.csv"
+HOST_RUN=$(mktemp -d)   # the tiny run's directions and z0 cache: scratch, not results
+stage "host time per step" 40 "$PY" "$REPO/benchmarks/bench_train.py" --host tiny "${HOST_ARGS[@]}" \
+  --run-dir "$HOST_RUN" --out "$OUT/host_$TAG.csv"
+rm -rf "$HOST_RUN"
 # a Llama-3-8B-shaped random model at full depth (16 GB of bf16 safetensors, written to scratch on the
 # device machine's disk and removed after) loaded through the sharded path: peak GPU memory vs the bf16 size;
 # then its sharded export (the input files are removed first: the disk holds 64 GiB)

@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+import fastprocon
 from fastprocon.models.load import resolve_device
 from fastprocon.utils.io import atomic_path, write_json
 
@@ -270,9 +271,12 @@ def save_rows(out: Path, rows: list[dict], fields: Sequence[str], summary: str) 
 def memory_pass_subprocess(script: Path, argv: Sequence[str]) -> list:
     """Run ``script argv --memory-pass <tmp.json>`` in a fresh interpreter and return the JSON it
     wrote: CPU peak memory is measured away from the timed process (see the module docstring)."""
+    # the child imports the fastprocon this process runs (a checkout on sys.path, not another install)
+    root = str(Path(fastprocon.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory.json"
-        subprocess.run([sys.executable, str(script), *argv, "--memory-pass", str(out)], check=True)
+        subprocess.run([sys.executable, str(script), *argv, "--memory-pass", str(out)], check=True, env=env)
         return json.loads(out.read_text())
 
 

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 import harness
+from bench_ops import FIELDS as OPS_FIELDS
 from bench_penalty import FIELDS as PENALTY_FIELDS
 from bench_train import FIELDS as TRAIN_FIELDS
+from host_time import FIELDS as HOST_FIELDS
 
 from fastprocon.utils.io import atomic_path
 
@@ -229,6 +231,33 @@ def train_headline(rows: list[dict], tag: str) -> list[str]:
     return lines
 
 
+def ops_headline(rows: list[dict], tag: str) -> list[str]:
+    """Per constrained layer: operators (and CUDA launches) ProCon adds, forward and backward."""
+    lines = []
+    for model, layout in dict.fromkeys((r["model"], r["layout"]) for r in rows):
+        of = {(r["phase"], r["counter"]): r for r in rows if (r["model"], r["layout"]) == (model, layout)}
+        ops = [of.get((phase, "ops")) for phase in ("forward", "backward")]
+        if None in ops:
+            continue
+        beyond = sum(float(r["beyond_procon_kernels"]) for r in ops)
+        text = (f"- {tag} {model} {layout}: per constrained layer +{ops[0]['per_layer']} ops forward, "
+                f"+{ops[1]['per_layer']} backward: the 2 ProCon ops and {beyond:g} others (target <= 4)")
+        launches = [of.get((phase, "launches")) for phase in ("forward", "backward")]
+        if None not in launches:
+            text += f"; CUDA launches +{launches[0]['per_layer']} forward, +{launches[1]['per_layer']} backward"
+        lines.append(text)
+    return lines
+
+
+def host_headline(rows: list[dict], tag: str) -> list[str]:
+    by = {r["mode"]: r for r in rows}
+    if not {"sync", "prefetch"} <= by.keys():
+        return []
+    return [f"- {tag} {by['sync']['model']}: training-thread host time per step outside forward+backward "
+            f"{by['sync']['host_ms']} ms with the batches made on it, {by['prefetch']['host_ms']} ms with the "
+            f"prefetch thread (median saving {by['prefetch']['host_saved_ms']} ms)"]
+
+
 def headline(results: Path) -> list[str]:
     """Measured values for the goals, from every CSV in ``results``."""
     lines = []
@@ -236,6 +265,10 @@ def headline(results: Path) -> list[str]:
         lines += penalty_headline(harness.read_csv(path, PENALTY_FIELDS), path.stem.split("_", 1)[1])
     for path in sorted(results.glob("train_*.csv")):
         lines += train_headline(harness.read_csv(path, TRAIN_FIELDS), path.stem.split("_", 1)[1])
+    for path in sorted(results.glob("ops_*.csv")):
+        lines += ops_headline(harness.read_csv(path, OPS_FIELDS), path.stem.split("_", 1)[1])
+    for path in sorted(results.glob("host_*.csv")):
+        lines += host_headline(harness.read_csv(path, HOST_FIELDS), path.stem.split("_", 1)[1])
     return lines
 
 

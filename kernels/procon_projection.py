@@ -219,6 +219,11 @@ def wrap(kernel):
     return kernel if wrap_triton is None or INTERPRET else wrap_triton(kernel)
 
 
+# wrapped once, here: not at every launch
+_FWD, _SUM_PARTIALS, _SUM_ROWS, _BWD = map(wrap, (_procon_fwd_kernel, _sum_partials_kernel, _sum_rows_kernel,
+                                                   _procon_bwd_kernel))
+
+
 def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: torch.Tensor | None,
                    weight: torch.Tensor | None, norm: int, delta: float, need_grad: bool,
                    need_dir_grad: bool = False, delta_tensor: torch.Tensor | None = None):
@@ -244,7 +249,7 @@ def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: tor
     if N == 0:
         partials.zero_()
     else:
-        wrap(_procon_fwd_kernel)[(programs,)](
+        _FWD[(programs,)](
             hidden, hidden.stride(0), direction,
             reference if reference is not None else z, weight if weight is not None else z,
             z, coef, partials, hc_partials if need_dir_grad else z, N, D, float(delta),
@@ -253,10 +258,10 @@ def projection_fwd(hidden: torch.Tensor, direction: torch.Tensor, reference: tor
             HAS_W=weight is not None, NEED_GRAD=need_grad,
             NEED_DIR_GRAD=need_dir_grad, ACC_DTYPE=acc_tl, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
         )
-    wrap(_sum_partials_kernel)[(1,)](partials, loss, partials.numel(), ACC_DTYPE=acc_tl, BLOCK=1024)
+    _SUM_PARTIALS[(1,)](partials, loss, partials.numel(), ACC_DTYPE=acc_tl, BLOCK=1024)
     if need_dir_grad and N > 0:
         block_p, block_d = _sum_rows_blocks(D)
-        wrap(_sum_rows_kernel)[(triton.cdiv(D, block_d),)](
+        _SUM_ROWS[(triton.cdiv(D, block_d),)](
             hc_partials, hc, programs, D, ACC_DTYPE=acc_tl, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4)
     return z, coef, loss, hc
 
@@ -272,7 +277,7 @@ def projection_bwd(coef: torch.Tensor, direction: torch.Tensor, grad_scale: torc
         return out
     block_n, block_d, warps = _bwd_blocks(N, D)
     grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
-    wrap(_procon_bwd_kernel)[grid](
+    _BWD[grid](
         coef, direction, grad_scale,
         grad_in if grad_in is not None else out, grad_in.stride(0) if grad_in is not None else 0,
         out, out.stride(0), N, D,

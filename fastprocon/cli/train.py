@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         print(to_toml(cfg), end="")
         return 0
     from fastprocon.train.prepare import run_dir_of
+    from fastprocon.train.run import train
     from fastprocon.train.signals import Interrupted
-    from fastprocon.train.trainer import NonFiniteError, train
+    from fastprocon.train.trainer import NonFiniteError
 
     try:
         result = train(cfg)

@@ -225,9 +225,8 @@ class ProCon:
     def _after_forward(self, module: nn.Module, args: tuple, output):
         # armed hooks stay armed until the next forward: activation checkpointing recomputes
         # the layers (and calls the hooks again) during this forward's backward
-        penalty = self.hooks.take_penalty()
-        if penalty is not None:
-            self._penalty_sum += penalty / self._scale
+        if self.hooks.armed:     # the unscaled penalty of this forward's layers
+            self._penalty_sum += self.hooks.take_penalty()
         return None
 
     def _z0(self, batch: dict) -> tuple[Tensor, Tensor]:

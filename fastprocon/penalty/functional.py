@@ -63,7 +63,7 @@ def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor]
                     ("delta", delta)):
         if isinstance(t, Tensor) and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    _check_options(norm, delta, backend)
+    check_options(norm, delta, backend)
     if isinstance(scale, Tensor):
         _check_float("scale", scale)
         if scale.dim() != 0:
@@ -75,7 +75,7 @@ def _check_inputs(hidden: Tensor, direction: Tensor, reference: Optional[Tensor]
         _check_delta_value(norm, delta)
 
 
-def _check_options(norm: str, delta: Delta, backend: str) -> None:
+def check_options(norm: str, delta: Delta, backend: str) -> None:
     if norm not in ops.NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(ops.NORMS)}")
     if backend not in BACKENDS:
@@ -122,7 +122,7 @@ def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1)
 
 
-def _excluding_weight_zero(reference: Optional[Tensor], weight: Optional[Tensor]) -> Optional[Tensor]:
+def excluding_weight_zero(reference: Optional[Tensor], weight: Optional[Tensor]) -> Optional[Tensor]:
     """z0 with 0 where the weight is 0 and z0 is not finite: such a token is excluded entirely (a
     NaN there would otherwise give 0 * NaN = NaN in the loss and the coefficients). A finite z0 is
     kept, so dL/dweight = g psi(z - z0) stays exact at weight-0 tokens."""
@@ -215,10 +215,18 @@ class ProConPenaltyFunction(torch.autograd.Function):
         return grad_h, grad_r, grad_ref, grad_w, None, None, None
 
 
+def _scale_as(scale: Scale, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """scale as a 0-d tensor of ``dtype`` (no operator when it already is one)."""
+    if isinstance(scale, Tensor):
+        return scale if scale.dtype == dtype else scale.to(dtype)
+    return torch.full((), scale, dtype=dtype, device=device)
+
+
 class AnchorProjectionFunction(torch.autograd.Function):
-    """Identity on H in forward (plus the detached penalty); backward adds scale * c (outer) r_hat
+    """Identity on H in forward (plus the detached unscaled penalty); backward adds scale * c (outer) r_hat
     to the incoming gradient, and gives the vector gradients above with g = scale (the penalty is
-    backpropagated with gradient 1), and dL/dscale = the unscaled penalty."""
+    backpropagated with gradient 1), and dL/dscale = the unscaled penalty. H may be [..., D] (the
+    ops flatten it): the hooks pass a layer's [B, T, D] input as it is."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, r: Tensor, reference, weight, scale: Scale, norm: int, delta: Delta,
@@ -226,15 +234,17 @@ class AnchorProjectionFunction(torch.autograd.Function):
         need_coef, need_hc = _needs(ctx)
         z, coef, loss, hc = ops.FORWARD[backend](hidden, r, reference, weight, norm, *_split_delta(delta),
                                                  need_coef, need_hc)
-        g = scale.to(r.dtype) if isinstance(scale, Tensor) else torch.full((), scale, dtype=r.dtype, device=r.device)
+        g = _scale_as(scale, r.dtype, r.device)
         # z and z0 only when the weight needs a gradient (psi(z - z0)): the training path keeps c and r alone.
         need_w = ctx.needs_input_grad[3]
         ctx.save_for_backward(coef, r, g, z if need_w else None, reference if need_w else None, hc, loss)
         ctx.norm, ctx.delta, ctx.backend, ctx.dtype = norm, delta, backend, hidden.dtype
         ctx.dtypes = [t.dtype if isinstance(t, Tensor) else None for t in (reference, weight, scale)]
-        penalty = loss * g
-        ctx.mark_non_differentiable(penalty)
-        return hidden.view_as(hidden), penalty
+        ctx.mark_non_differentiable(loss)
+        # no zeros made for the loss's gradient (it is not differentiable); grad_out is never None:
+        # the node runs only when the output H has a gradient
+        ctx.set_materialize_grads(False)
+        return hidden.view_as(hidden), loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_penalty):
@@ -271,7 +281,7 @@ def _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, 
     h2 = hidden.reshape(-1, hidden.shape[-1])  # a view whenever the strides allow
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    reference = _excluding_weight_zero(reference, weight)
+    reference = excluding_weight_zero(reference, weight)
     return h2, ops.unit_direction(direction, hidden.dtype), _rows(reference), _rows(weight), backend
 
 
@@ -315,7 +325,7 @@ def procon_penalty(hidden: Tensor, direction: Tensor, reference: Optional[Tensor
     """
     if backend == "reference":
         _check_inputs(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
-        reference = _excluding_weight_zero(reference, weight)
+        reference = excluding_weight_zero(reference, weight)
         loss, z = ops.procon_penalty_ref(hidden, direction, reference, weight, norm=norm, delta=delta, scale=scale)
         return (loss, z.detach()) if return_projection else loss
     h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
@@ -343,8 +353,9 @@ def anchor_projection(hidden: Tensor, direction: Tensor, reference: Optional[Ten
                               backend="reference", validate=validate)
         return _AddGradOf.apply(hidden, loss), loss.detach()
     h2, r, ref, w, backend = _prepare(hidden, direction, reference, weight, norm, delta, scale, backend, validate)
-    out, penalty = AnchorProjectionFunction.apply(h2, r, ref, w, scale, ops.NORMS[norm], _as_delta(delta), backend)
-    return out.view(hidden.shape), penalty
+    out, loss = AnchorProjectionFunction.apply(h2, r, ref, w, scale, ops.NORMS[norm], _as_delta(delta), backend)
+    return out.view(hidden.shape), loss * _scale_as(scale.detach() if isinstance(scale, Tensor) else scale,
+                                                    loss.dtype, loss.device)
 
 
 class _AddGradOf(torch.autograd.Function):
@@ -371,7 +382,7 @@ class ProConPenalty(torch.nn.Module):
         if direction.dim() != 1:
             raise ValueError(f"direction must be 1-D [D], got shape {tuple(direction.shape)}")
         _check_direction_values(direction)
-        _check_options(norm, delta, backend)
+        check_options(norm, delta, backend)
         _check_delta_value(norm, delta)
         self.register_buffer("direction", direction.detach().float().clone())
         if isinstance(delta, Tensor):   # a buffer: it follows the module's .to(device)

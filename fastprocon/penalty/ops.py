@@ -8,12 +8,14 @@
 - ``reference`` (``procon_penalty_ref``): the naive unfused autograd version; the benchmarks'
   baseline and the tests' oracle (run in float64).
 
-Every fused op works on 2-D H [N, D] with a contiguous last dim. ``delta`` (Huber's threshold, the
-band's half-width) is a float, or a 0-d tensor on H's device (``delta_tensor``, which then wins):
-a per-call width that costs no host sync and, under torch.compile, no graph per value. Forward ops return
-(z [N], coef [N] or [0], loss [], hc [D] or [0]) in the accumulation dtype (fp32; fp64 for fp64
-H), loss unscaled, hc = sum_i coef_i H_i (only with need_dir_grad: the direction's gradient);
-backward ops return grad_scale * coef (outer) r (+ grad_in) as a new [N, D] tensor.
+Every fused op takes H [..., D] with a contiguous last dim, as the N = prod(...) rows of [N, D]
+(a view when the strides allow: a caller need not flatten it, which would cost an operator).
+``delta`` (Huber's threshold, the band's half-width) is a float, or a 0-d tensor on H's device
+(``delta_tensor``, which then wins): a per-call width that costs no host sync and, under
+torch.compile, no graph per value. Forward ops return (z [N], coef [N] or [0], loss [], hc [D]
+or [0]) in the accumulation dtype (fp32; fp64 for fp64 H), loss unscaled, hc = sum_i coef_i H_i
+(only with need_dir_grad: the direction's gradient); backward ops return grad_scale * coef
+(outer) r (+ grad_in) as a new tensor of grad_in's shape ([N, D] without grad_in).
 """
 from __future__ import annotations
 
@@ -87,14 +89,21 @@ def weighted_psi(z: Tensor, reference: Optional[Tensor], weight: Optional[Tensor
 def _fwd_fake(hidden: Tensor, direction: Tensor, reference: Optional[Tensor], weight: Optional[Tensor],
               norm: int, delta: float, delta_tensor: Optional[Tensor], need_grad: bool,
               need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    (n, d), acc = hidden.shape, acc_dtype(hidden.dtype)
+    d, acc = hidden.shape[-1], acc_dtype(hidden.dtype)
+    n = hidden.numel() // d
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if need_grad else 0, dtype=acc),
             hidden.new_empty((), dtype=acc), hidden.new_empty(d if need_dir_grad else 0, dtype=acc))
 
 
+def _as_rows(t: Tensor) -> Tensor:
+    """[..., D] as [N, D] (a view when the strides allow)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 def _bwd_fake(coef: Tensor, direction: Tensor, grad_scale: Tensor, grad_in: Optional[Tensor],
               out_dtype: torch.dtype) -> Tensor:
-    return coef.new_empty((coef.shape[0], direction.shape[0]), dtype=out_dtype)
+    shape = grad_in.shape if grad_in is not None else (coef.shape[0], direction.shape[0])
+    return coef.new_empty(shape, dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,14 +114,16 @@ def _bwd_fake(coef: Tensor, direction: Tensor, grad_scale: Tensor, grad_in: Opti
 def projection_fwd_triton(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
                           weight: Optional[Tensor], norm: int, delta: float, delta_tensor: Optional[Tensor],
                           need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels.projection_fwd(hidden, direction, reference, weight, norm, delta, need_grad, need_dir_grad,
-                                  delta_tensor)
+    return kernels.projection_fwd(_as_rows(hidden), direction, reference, weight, norm, delta, need_grad,
+                                  need_dir_grad, delta_tensor)
 
 
 @torch.library.triton_op("fastprocon::projection_bwd_triton", mutates_args=())
 def projection_bwd_triton(coef: Tensor, direction: Tensor, grad_scale: Tensor,
                           grad_in: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    return kernels.projection_bwd(coef, direction, grad_scale, grad_in, out_dtype)
+    if grad_in is None:
+        return kernels.projection_bwd(coef, direction, grad_scale, None, out_dtype)
+    return kernels.projection_bwd(coef, direction, grad_scale, _as_rows(grad_in), out_dtype).view(grad_in.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +142,7 @@ def _row_chunks(n: int, d: int, dtype: torch.dtype):
 def projection_fwd_torch(hidden: Tensor, direction: Tensor, reference: Optional[Tensor],
                          weight: Optional[Tensor], norm: int, delta: float, delta_tensor: Optional[Tensor],
                          need_grad: bool, need_dir_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    hidden = _as_rows(hidden)
     n, d = hidden.shape
     width = delta if delta_tensor is None else delta_tensor
     acc = acc_dtype(hidden.dtype)
@@ -153,6 +165,13 @@ def projection_fwd_torch(hidden: Tensor, direction: Tensor, reference: Optional[
 @torch.library.custom_op("fastprocon::projection_bwd_torch", mutates_args=())
 def projection_bwd_torch(coef: Tensor, direction: Tensor, grad_scale: Tensor,
                          grad_in: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    if grad_in is not None and grad_in.dim() != 2:
+        return _bwd_torch_rows(coef, direction, grad_scale, _as_rows(grad_in), out_dtype).view(grad_in.shape)
+    return _bwd_torch_rows(coef, direction, grad_scale, grad_in, out_dtype)
+
+
+def _bwd_torch_rows(coef: Tensor, direction: Tensor, grad_scale: Tensor, grad_in: Optional[Tensor],
+                    out_dtype: torch.dtype) -> Tensor:
     n, d = coef.shape[0], direction.shape[0]
     c = coef * grad_scale
     if out_dtype == acc_dtype(out_dtype):  # no conversion: one op writes the result

@@ -21,7 +21,7 @@ import torch
 
 from fastprocon.data.tokenize import TokenizedExample, collate
 from fastprocon.train.loss import shift_labels
-from fastprocon.train.packing import empty_row, pack_collated, plan_rows
+from fastprocon.train.packing import empty_row, pack_collated, pack_like, plan_rows
 
 
 class StepBatches:
@@ -112,3 +112,14 @@ class StepBatches:
             else:
                 out.append(pack_collated(self._collate(rows[j])))
         return out
+
+
+def cached_z0(reference, mb: dict, n_layers: int) -> torch.Tensor:
+    """[n_layers, B, T] reference projections of a micro-batch of :meth:`StepBatches.micro_batches`
+    (B = 1 for a packed row; zeros for an empty row) from ``reference`` (a
+    :class:`fastprocon.procon.reference.ReferenceCache`), on the CPU."""
+    if not mb["ids"]:       # an empty row (packing): no response token
+        return torch.zeros(n_layers, *mb["input_ids"].shape)
+    if "pack_mask" in mb:
+        return pack_like(reference.gather(mb["ids"], mb["padded_labels"]), mb["pack_mask"])
+    return reference.gather(mb["ids"], mb["labels"])

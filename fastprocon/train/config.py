@@ -77,6 +77,7 @@ class TrainConfig:
                                            # micro_batch_size x max_length)
     log_every: int = 10                    # steps between metric lines (and host syncs)
     tensorboard: bool = False
+    prefetch: int = 2                      # steps' batches prepared ahead by a background thread; 0 = none
     # live safety probe (train/probe.py) at step 0, every K steps, the last; 0 = off
     safety_probe_every: int = 0
     probe_harmful: str = "harmful_eval"    # probe prompts: a file or built-in set name
@@ -297,6 +298,7 @@ def validate(cfg: Config) -> None:
     need(t.batch_size % t.micro_batch_size == 0, "train.batch_size",
          f"a multiple of micro_batch_size ({t.micro_batch_size})")
     need(t.log_every >= 1, "train.log_every", ">= 1")
+    need(t.prefetch >= 0, "train.prefetch", ">= 0")
     need(t.safety_probe_every >= 0, "train.safety_probe_every", ">= 0 (0 = off)")
     need(bool(t.probe_harmful) and bool(t.probe_harmless), "train.probe_harmful", "a prompt file or built-in set name")
     need(t.probe_max_prompts >= 0, "train.probe_max_prompts", ">= 0 (0 = all)")

@@ -24,7 +24,7 @@ HARMLESS = frozenset({
     "procon.backend", "procon.directions", "procon.harmful", "procon.harmless", "procon.direction_batch_size",
     "procon.reference_cache", "procon.reference_dtype",
     "train.name", "train.run_dir", "train.max_steps", "train.epochs", "train.micro_batch_size", "train.log_every",
-    "train.tensorboard", "train.safety_probe_every", "train.probe_harmful", "train.probe_harmless",
+    "train.tensorboard", "train.prefetch", "train.safety_probe_every", "train.probe_harmful", "train.probe_harmless",
     "train.probe_max_prompts", "train.probe_samples", "train.probe_batch_size", "train.min_refusal_share",
     "train.stop_below_min_refusal",
     "checkpoint.checkpoint_every", "checkpoint.keep_checkpoints", "checkpoint.resume", "checkpoint.export",

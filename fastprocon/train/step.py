@@ -20,32 +20,52 @@ from fastprocon.train.chunked_ce import OutputLayerLoss, predicted_positions
 from fastprocon.train.loss import ce_sum
 
 
+def pinned(t, pin: bool = True):
+    """A CPU batch tensor in page-locked memory when ``pin`` (for a CUDA device: the copy to it can
+    then overlap the computation); anything else (an int argument) as it is."""
+    if not pin or not isinstance(t, torch.Tensor) or t.is_pinned():
+        return t
+    return t.pin_memory()
+
+
 def to_device(t, device: torch.device):
-    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA);
-    anything else (an int argument) as it is."""
+    """Copy a CPU batch tensor to ``device`` without blocking the host (pinned staging on CUDA,
+    unless already pinned: see :func:`pinned`); anything else (an int argument) as it is."""
     if device.type != "cuda" or not isinstance(t, torch.Tensor):
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return pinned(t).to(device, non_blocking=True)
+
+
+def ce_targets(targets: Tensor, output_loss: OutputLayerLoss | None, pin: bool = False) -> tuple:
+    """What the CE of ``targets`` [B, T] (long, CPU) needs on the host, made ahead of the forward
+    (the trainer's prefetch thread does it): (predicted flat positions [n], their targets [n]) for
+    the chunked output layer, else (targets,); pinned when ``pin`` (see :func:`pinned`)."""
+    if output_loss is None:
+        return (pinned(targets, pin),)
+    index = predicted_positions(targets)
+    return pinned(index, pin), pinned(targets.flatten()[index], pin)
 
 
 def forward_ce_sum(model: torch.nn.Module, inputs: dict, targets: Tensor, device: torch.device,
-                   output_loss: OutputLayerLoss | None = None) -> tuple[Tensor, Tensor | None]:
+                   output_loss: OutputLayerLoss | None = None, prepared: tuple | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
     """Forward pass -> (the summed CE of ``targets`` [B, T] (long, CPU; -100 = no prediction) as a 0-d
     fp32 tensor on ``device``, the router's weighted auxiliary loss or None). The CE goes through the
     chunked output layer when ``output_loss`` is installed (the logits never exist in full), else
     from the full logits. A mixture-of-experts model configured to return its router's
     load-balancing loss (``output_router_logits``) adds ``router_aux_loss_coef * aux_loss`` to its
-    own loss: that term is returned too."""
+    own loss: that term is returned too. ``prepared``: :func:`ce_targets` of ``targets`` and
+    ``output_loss``, made ahead (None: made here)."""
+    prepared = ce_targets(targets, output_loss) if prepared is None else prepared
     if output_loss is not None:
-        index = predicted_positions(targets)
-        output_loss.arm(to_device(index, device), to_device(targets.flatten()[index], device))
+        output_loss.arm(to_device(prepared[0], device), to_device(prepared[1], device))
     try:
         out = model(**inputs, use_cache=False)
     finally:
         if output_loss is not None:
             output_loss.disarm()
     # with the chunked output layer, "logits" is already the CE sum
-    ce = out.logits if output_loss is not None else ce_sum(out.logits, to_device(targets, device))
+    ce = out.logits if output_loss is not None else ce_sum(out.logits, to_device(prepared[0], device))
     aux = getattr(out, "aux_loss", None)
     coef = getattr(unwrap_model(model).config, "router_aux_loss_coef", None)
     return ce, (coef * aux if aux is not None and coef else None)
@@ -54,7 +74,7 @@ def forward_ce_sum(model: torch.nn.Module, inputs: dict, targets: Tensor, device
 def micro_step(model: torch.nn.Module, inputs: dict, targets: Tensor, ce_factor: float, device: torch.device, *,
                output_loss: OutputLayerLoss | None = None, hooks: ProConHooks | None = None,
                weight: Tensor | None = None, z0: Tensor | None = None, scale: Tensor | None = None,
-               aux_factor: float = 1.0) -> Tensor:
+               aux_factor: float = 1.0, prepared_targets: tuple | None = None) -> Tensor:
     """Forward and backward of one micro-batch, adding into the parameters' gradients.
 
     inputs: the model's keyword inputs on ``device``; targets: [B, T] next-token labels (CPU).
@@ -62,12 +82,13 @@ def micro_step(model: torch.nn.Module, inputs: dict, targets: Tensor, ce_factor:
     (response mask) and ``z0`` [n_layers, B, T] for this forward and its backward.
     A router auxiliary loss the model returns (mixture of experts) is added times ``aux_factor``
     (1 / this process's micro-batches of the step: their mean, which FSDP then averages over processes).
+    ``prepared_targets``: :func:`ce_targets` made ahead (the trainer's prefetch thread), or None.
     Returns the detached CE sum (0-d fp32); the penalty stays in ``hooks.take_penalty()``.
     """
     if scale is not None:
         hooks.arm(weight, z0, scale)
     try:
-        ce, aux = forward_ce_sum(model, inputs, targets, device, output_loss)
+        ce, aux = forward_ce_sum(model, inputs, targets, device, output_loss, prepared_targets)
         loss = ce * ce_factor
         if aux is not None:   # the model's own loss adds it per forward: a mean over the micro-batches
             loss = loss + aux * aux_factor

@@ -29,14 +29,13 @@ from fastprocon.penalty.functional import resolve_backend
 from fastprocon.procon.config import procon_scale
 from fastprocon.procon.hooks import ProConHooks, stack_recorded
 from fastprocon.procon.schedule import AlphaSchedule
-from fastprocon.refusal.directions import directions_hash
-from fastprocon.train.batches import StepBatches
-from fastprocon.train.checkpoint import CheckpointManager, RunLock, check_same_inputs
+from fastprocon.train.batches import StepBatches, cached_z0
+from fastprocon.train.checkpoint import CheckpointManager, check_same_inputs
 from fastprocon.train.chunked_ce import OutputLayerLoss, check_chunked_ce_exact
 from fastprocon.train.config import Config, to_toml, validate
 from fastprocon.train.dashboard import draw_dashboard
 from fastprocon.train.exactness import use_compiled_layers
-from fastprocon.train.export import clean_export_staging, export_model
+from fastprocon.train.export import export_model
 from fastprocon.train.metrics import (
     MetricsLog,
     attention_width,
@@ -44,19 +43,19 @@ from fastprocon.train.metrics import (
     matmul_params,
     peak_flops,
     peak_memory_gib,
-    read_metrics,
     reset_peak_memory,
     training_flops,
 )
-from fastprocon.train.packing import forward_kwargs, pack_like, use_packing
+from fastprocon.train.packing import forward_kwargs, use_packing
+from fastprocon.train.prefetch import Prefetcher
 from fastprocon.train.prepare import initial_model, load_training_data, prepare_procon, run_dir_of, wrap_for_training
 from fastprocon.train.probe import SHARE_KEY, SafetyProbe, probe_due
-from fastprocon.train.resume_changes import HARMLESS, config_changes, recorded_config, version_file
-from fastprocon.train.schedule import WarmupCosine, follow_config
+from fastprocon.train.resume import ResumingTrainer
+from fastprocon.train.resume_changes import version_file
+from fastprocon.train.schedule import WarmupCosine
 from fastprocon.train.signals import StopRequest
-from fastprocon.train.step import make_optimizer, micro_step, optimizer_update, to_device
-from fastprocon.utils.checksums import file_sha256, tree_sha256
-from fastprocon.utils.io import atomic_path, write_json
+from fastprocon.train.step import ce_targets, make_optimizer, micro_step, optimizer_update, pinned, to_device
+from fastprocon.utils.io import atomic_path
 
 _NO_BAD_STEP = 2**62
 
@@ -78,7 +77,7 @@ class TrainResult:
     stopped: str | None = None      # why the refusal guard stopped the run before max_steps, else None
 
 
-class Trainer:
+class Trainer(ResumingTrainer):
     """Builds everything from a :class:`Config` on an initialised process group (see
     :func:`train`), then :meth:`fit` runs the loop."""
 
@@ -164,6 +163,7 @@ class Trainer:
             self.hooks = ProConHooks(model, self.procon.layers, rows, norm=p.norm, delta=p.delta, backend=p.backend,
                                      widths=widths)
         self.probe = None
+        self._prefetch: Prefetcher | None = None    # within fit: the batches of the next steps, made ahead
         if cfg.train.safety_probe_every:
             self.probe = SafetyProbe(cfg, ctx, loaded, self.data.examples, self.procon, self.run_dir, self.say)
 
@@ -196,46 +196,59 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
 
+    def prepare_step(self, step: int) -> dict:
+        """The host side of optimizer step ``step``: this rank's micro-batches (token reads, packing,
+        collation, the CE's targets, the response mask, the z0 gather from the reference cache; pinned
+        on CUDA) and the step's global counts. Device-free and reading shared state only, so the
+        prefetch thread runs it ahead of the training thread (fit); :meth:`accumulate_gradients`
+        calls it otherwise."""
+        world, pin = self.ctx.world_size, self.ctx.device.type == "cuda"
+        idx = self.batches.global_indices(step)
+        alpha = self.alpha(step)
+        scale = procon_scale(alpha, self.cfg.procon.reduction, world, len(idx), int(self._n_resp[idx].sum())) \
+            if alpha > 0 else None
+        micro_batches = []
+        for mb in self.batches.micro_batches(step):
+            inputs = forward_kwargs(mb, varlen_kwargs=self.varlen_kwargs)
+            item = {"inputs": {k: pinned(v, pin) for k, v in inputs.items()}, "targets": mb["targets"],
+                    "ce": ce_targets(mb["targets"], self.output_loss, pin), "weight": None, "z0": None}
+            if scale is not None:
+                item["weight"] = pinned(mb["labels"] != IGNORE_INDEX, pin)
+                if self.procon.reference is not None:   # else recorded by the model itself (_recorded_z0)
+                    item["z0"] = pinned(cached_z0(self.procon.reference, mb, len(self.procon.layers)), pin)
+            micro_batches.append(item)
+        return {"step": step, "micro_batches": micro_batches, "scale": scale, "n_samples": len(idx),
+                "n_pred": int(self._n_pred[idx].sum()), "n_tok": int(self._n_tok[idx].sum()),
+                "flops": training_flops(*self._flops_base, self._n_tok[idx].tolist()) / world}
+
     def accumulate_gradients(self, step: int) -> None:
         """Forward and backward of this rank's micro-batches of optimizer step ``step`` (0-based),
-        adding into the parameters' gradients; accumulates logged sums on the device."""
-        cfg, dev, world = self.cfg, self.ctx.device, self.ctx.world_size
-        idx = self.batches.global_indices(step)
-        n_pred = int(self._n_pred[idx].sum())
-        alpha = self.alpha(step)
+        adding into the parameters' gradients; accumulates logged sums on the device. The batches
+        come from the prefetch thread within :meth:`fit` (train.prefetch > 0), else are made here."""
+        prepared = self._prefetch.get(step) if self._prefetch is not None else self.prepare_step(step)
+        dev, world = self.ctx.device, self.ctx.world_size
         scale = None
-        if alpha > 0:
-            value = procon_scale(alpha, cfg.procon.reduction, world, len(idx), int(self._n_resp[idx].sum()))
-            scale = torch.full((), value, dtype=torch.float32, device=dev)   # a fill: no host-device copy
-            self._procon_samples += len(idx)
-        ce_factor = world / max(n_pred, 1)
-        micro_batches = self.batches.micro_batches(step)
+        if prepared["scale"] is not None:
+            scale = torch.full((), prepared["scale"], dtype=torch.float32, device=dev)   # a fill: no host-device copy
+            self._procon_samples += prepared["n_samples"]
+        ce_factor = world / max(prepared["n_pred"], 1)
+        micro_batches = prepared["micro_batches"]
         for mb in micro_batches:
-            inputs = {k: to_device(v, dev) for k, v in forward_kwargs(mb, varlen_kwargs=self.varlen_kwargs).items()}
+            inputs = {k: to_device(v, dev) for k, v in mb["inputs"].items()}
             procon = {}
             if scale is not None:
-                procon = dict(hooks=self.hooks, weight=to_device(mb["labels"] != IGNORE_INDEX, dev),
-                              z0=self._z0(mb, inputs), scale=scale)
+                z0 = to_device(mb["z0"], dev) if mb["z0"] is not None else self._recorded_z0(inputs)
+                procon = dict(hooks=self.hooks, weight=to_device(mb["weight"], dev), z0=z0, scale=scale)
             self._acc[0] += micro_step(self.model, inputs, mb["targets"], ce_factor, dev, output_loss=self.output_loss,
-                                       aux_factor=1 / len(micro_batches), **procon)
+                                       aux_factor=1 / len(micro_batches), prepared_targets=mb["ce"], **procon)
         if scale is not None:
-            self._acc[1] += self.hooks.take_penalty() / scale
-        self._n_pred_acc += n_pred
-        self._n_tok_acc += int(self._n_tok[idx].sum())
-        self._flops_acc += training_flops(*self._flops_base, self._n_tok[idx].tolist()) / world
+            self._acc[1] += self.hooks.take_penalty()    # unscaled: the logged penalty
+        self._n_pred_acc += prepared["n_pred"]
+        self._n_tok_acc += prepared["n_tok"]
+        self._flops_acc += prepared["flops"]
 
-    def _z0(self, mb: dict, inputs: dict) -> torch.Tensor:
-        """[n_layers, B, T] reference projections of a micro-batch (B = 1 for a packed row): from
-        the cache, or from this model with its LoRA adapters off (the initial model)."""
-        reference = self.procon.reference
-        if reference is not None:
-            if not mb["ids"]:       # an empty row (packing): no response token
-                return torch.zeros(len(self.procon.layers), *mb["input_ids"].shape, device=self.ctx.device)
-            if "pack_mask" in mb:
-                z0 = pack_like(reference.gather(mb["ids"], mb["padded_labels"]), mb["pack_mask"])
-            else:
-                z0 = reference.gather(mb["ids"], mb["labels"])
-            return to_device(z0, self.ctx.device)
+    def _recorded_z0(self, inputs: dict) -> torch.Tensor:
+        """z0 of a micro-batch from this model with its LoRA adapters off (the initial model)."""
         with torch.no_grad(), self.model.disable_adapter(), self.hooks.recording() as recorded:
             self.model(**inputs, use_cache=False, logits_to_keep=1)
         return stack_recorded(recorded)
@@ -313,74 +326,6 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def _identity(self) -> tuple[dict, dict]:
-        """(model, data) identity a checkpoint must match to be resumed (see checkpoint.check_resumable)."""
-        t = self.cfg.train
-        return ({"model": self.model_name, "model_fingerprint": self.model_fingerprint, "lora": self.cfg.model.lora},
-                {"dataset_hash": self.data.hash, "batch_size": t.batch_size, "seed": t.seed})
-
-    def _procon_inputs(self) -> dict | None:
-        """The directions and reference cache this run trains with (paths and hashes), recorded in
-        every checkpoint and compared on resume (see checkpoint.check_same_inputs)."""
-        if self.procon is None:
-            return None
-        p = self.procon
-        return {"directions": str(p.directions_path), "directions_hash": directions_hash(p.directions),
-                "reference": str(p.reference_path) if p.reference_path else None,
-                "reference_sha256": tree_sha256(p.reference_path) if p.reference_path else None,
-                # every file of the cache (index and shards), by name: a rewritten shard is named on resume
-                "reference_files": {f.name: file_sha256(f) for f in p.reference.files.file_paths()}
-                if p.reference is not None else None}
-
-    def _trainer_state(self, step: int) -> dict:
-        model, data = self._identity()
-        return {"scheduler": self.scheduler.state_dict(), "data": {**self.batches.position(step), **data},
-                "procon_inputs": self._inputs, "config": self.cfg.to_dict(), **model}
-
-    def _plan_resume(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its trainer state, checked against this config on
-        rank 0 (every rank gets rank 0's answer, or its error); None = a fresh start."""
-        removed = self.ckpt.clean_partial()
-        if removed:
-            self.say(f"removed incomplete checkpoint(s) {', '.join(removed)} left by an interrupted save")
-        staging = D.on_main(lambda: clean_export_staging(self.run_dir / "model"))
-        if staging:
-            self.say(f"removed {', '.join(staging)}: staging left by an interrupted export")
-        plan = D.on_main(lambda: self.ckpt.plan_resume(self.cfg.checkpoint.resume, *self._identity(),
-                                                       config=self.cfg.to_dict()))
-        if plan is None:
-            return None
-        path, state, note = plan
-        if note:
-            self.say(f"warning: {note}")
-        return path, state
-
-    def _resume(self) -> int:
-        self._config_changes = {}
-        if self._resume_from is None:
-            D.on_main(lambda: self.metrics.truncate_after(-1))   # a fresh start: no line survives (probe step 0 too)
-            return 0
-        path, state = self._resume_from
-        self.ckpt.load(path, state, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        o = self.cfg.optim
-        changes = follow_config(self.scheduler, o.lr, WarmupCosine(o.lr_warmup_steps, self.max_steps, o.min_lr_ratio))
-        if changes:
-            self.say(f"LR schedule changed since {path.name} ({', '.join(changes)}): following the config from "
-                     f"step {state['step']} (lr now {self.scheduler.get_last_lr()[0]:g})")
-        note = D.on_main(lambda: self.metrics.truncate_after(state["step"]))
-        if note:
-            self.say(f"warning: {note}")
-        recorded = recorded_config(path, state)
-        self._config_changes = config_changes(recorded, self.cfg.to_dict()) if recorded is not None else {}
-        if self._config_changes:   # each allowed (checked by plan_resume); fit keeps the new config version
-            self.say(f"config changed since {path.name}: " + ", ".join(
-                f"{key} {old!r} -> {new!r}" for key, (old, new) in self._config_changes.items()))
-        if any(key not in HARMLESS for key in self._config_changes):   # a change of meaning, allowed: on record
-            self.metrics.write({"step": state["step"], "config_changes": self._config_changes})
-        self.say(f"resumed from {path} at step {state['step']} (saved by {state['world_size']} process(es))")
-        return state["step"]
-
     def fit(self) -> TrainResult:
         cfg, t_start = self.cfg, time.perf_counter()
         start = self._resume()
@@ -394,9 +339,12 @@ class Trainer:
         written, done, stopped_by, stopped, self._postfix = [], start, None, None, {}
         every, log_every = cfg.checkpoint.checkpoint_every, cfg.train.log_every
         hooks = self.hooks.installed() if self.hooks is not None else contextlib.nullcontext()
+        # the next steps' batches made by a background thread while this one computes (train.prefetch)
+        prefetch = Prefetcher(self.prepare_step, range(start, self.max_steps), depth=cfg.train.prefetch,
+                              on_start=self._worker_device) if cfg.train.prefetch else contextlib.nullcontext()
         # a signal during the steps only sets a flag, agreed on by all processes at each step boundary
-        with hooks, self.stop.deferred(), tqdm(total=self.max_steps, initial=start, desc="train", unit="step",
-                                               disable=not self.ctx.is_main) as bar:
+        bar = tqdm(total=self.max_steps, initial=start, desc="train", unit="step", disable=not self.ctx.is_main)
+        with hooks, prefetch as self._prefetch, self.stop.deferred(), bar:
             if self.probe is not None and start == 0:
                 self.run_probe(0)
                 bar.set_postfix(self._postfix)
@@ -425,6 +373,7 @@ class Trainer:
                     break
             if stopped_by is None and not stopped and done > start:   # a signal during the last step or its checkpoint
                 stopped_by = self.stop.agreed(now=True)
+        self._prefetch = None
         latest = self.ckpt.latest()
         halted = stopped_by is not None or stopped is not None
         export_dir = self.export() if cfg.checkpoint.export and not halted else None
@@ -434,6 +383,10 @@ class Trainer:
         return TrainResult(self.run_dir, start, done if halted else self.max_steps, latest, export_dir,
                            time.perf_counter() - t_start, written, stopped_by=stopped_by, stopped=stopped)
 
+    def _worker_device(self) -> None:
+        if self.ctx.device.type == "cuda":   # pinned buffers of the prefetch thread: this process's device
+            torch.cuda.set_device(self.ctx.device)
+
     def export(self) -> Path:
         """The model in Hugging Face format in <run dir>/model, written by every process from its
         own shards (train/export.py). Collective."""
@@ -442,49 +395,3 @@ class Trainer:
                            adapter=self.cfg.checkpoint.export_adapter)
         return out
 
-
-def train(cfg: Config) -> TrainResult:
-    """Run training for ``cfg`` (single process, or under torchrun). Writes the run directory:
-    config.toml, metrics.jsonl, checkpoints/, model/ (the export), summary.json; holds its .lock
-    for the whole run (a second run there fails at once)."""
-    validate(cfg)   # before the process group: a bad Config edited after load_config fails up front
-    ctx = D.init_distributed(cfg.model.device)
-    trainer, lock, stop = None, RunLock(run_dir_of(cfg)), StopRequest(ctx.device)
-    # SIGTERM/SIGINT: a checkpoint after the current step (see train/signals.py); outside the steps
-    # they raise signals.Interrupted
-    with stop.installed():
-        try:
-            lock.acquire()                 # rank 0 holds <run dir>/.lock until the run ends
-            trainer = Trainer(cfg, ctx, stop)
-            result = trainer.fit()
-            if ctx.is_main:
-                write_json(result.run_dir / "summary.json", summary_of(result, trainer))
-        except BaseException:
-            del trainer
-            lock.release()
-            D.shutdown(ctx, clean=False)   # no barrier: the other processes may be stuck elsewhere
-            raise
-        del trainer                        # the FSDP model goes before the group (see D.shutdown)
-        lock.release()
-        D.shutdown(ctx)
-    return result
-
-
-def summary_of(result: TrainResult, trainer: Trainer) -> dict:
-    """The run's summary: CE and ProCon from the whole metrics.jsonl (also the steps of earlier,
-    resumed invocations), so a resumed or re-exported run reports the run, not its last segment."""
-    records = read_metrics(result.run_dir) if (result.run_dir / "metrics.jsonl").is_file() else []
-    records = [r for r in records if "ce" in r]   # training lines (probe lines have probe_* keys only)
-    first = records[0] if records else None
-    last = records[-1] if records else None
-    return {"run_dir": str(result.run_dir), "model": trainer.model_name, "processes": trainer.ctx.world_size,
-            "device": trainer.ctx.device.type, "start_step": result.start_step, "final_step": result.final_step,
-            "seconds": round(result.seconds, 2), "examples": len(trainer.data.examples),
-            "schedule": trainer.alpha.describe(),
-            "constrained_layers": trainer.procon.layers if trainer.procon else [],
-            "first_ce": first["ce"] if first else None, "last_ce": last["ce"] if last else None,
-            "last_procon": last["procon"] if last else None,
-            "stopped": result.stopped, "probe_seconds": round(trainer.probe.seconds, 2) if trainer.probe else None,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-            "export_dir": str(result.export_dir) if result.export_dir else None,
-            "stopped_by": result.stopped_by}

@@ -162,12 +162,13 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = result.stdout.split("gpu_check summary (cpu)")[-1]
     for stage in ("GPU tests (kernels, trainer)", "API error tests", "bench_penalty", "bench_train",
-                  "bench_train setups", "load_8b + export", "report"):
+                  "bench_train setups", "bench_ops", "host time per step", "load_8b + export", "report"):
         assert re.search(rf"{re.escape(stage)}\s+ok\n", summary), (stage, summary)
     assert {p.name for p in tmp_path.iterdir()} == {"penalty_cpu.csv", "train_cpu.csv", "penalty_cpu.png",
                                                      "train_cpu.png", "README_perf.md", "gpu_check.log",
                                                      "setups_cpu.csv", "setups_cpu.png", "load8b_cpu.csv",
-                                                     "export8b_cpu.csv"}
+                                                     "export8b_cpu.csv", "ops_cpu.csv", "host_cpu.csv"}
+    assert "the 2 ProCon ops and 2 others (target <= 4)" in summary      # the headline of ops_cpu.csv
     rows = harness.read_csv(tmp_path / "setups_cpu.csv", bench_train.train_setups.FIELDS)
     assert {(r["setup"], r["variant"]) for r in rows} == {(s, v) for s in ("padded", "packed", "chunked")
                                                           for v in ("off", "fused")}

@@ -106,8 +106,12 @@ def test_procon_keeps_projections_closer_to_z0(base_run, tmp_path):
 
 def test_warmup_switches_the_penalty_off(base_run, tmp_path, monkeypatch, capsys):
     calls = []
-    original = hooks_module.anchor_projection
-    monkeypatch.setattr(hooks_module, "anchor_projection", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = hooks_module.AnchorProjectionFunction
+
+    class Counting:   # what the hooks call at each constrained layer
+        apply = staticmethod(lambda *a: calls.append(1) or original.apply(*a))
+
+    monkeypatch.setattr(hooks_module, "AnchorProjectionFunction", Counting)
     run(tmp_path, "max_steps=4", "schedule=warmup", "alpha=1.0", "alpha_warmup_steps=2", "reduction=token",
         "tensorboard=true", "tokens_per_micro_batch=512", assets=base_run)   # 2 packed rows a step
     records = read_metrics(tmp_path)
@@ -221,9 +225,12 @@ def test_bf16_mixed_precision_computes_in_bf16_and_keeps_fp32_weights(base_run, 
     master weights and optimizer state stay fp32."""
     from torch.distributed.checkpoint import FileSystemReader
     seen = []
-    original = hooks_module.anchor_projection
-    monkeypatch.setattr(hooks_module, "anchor_projection",
-                        lambda h, *a, **k: seen.append(h.dtype) or original(h, *a, **k))
+    original = hooks_module.AnchorProjectionFunction
+
+    class Recording:   # what the hooks call at each constrained layer
+        apply = staticmethod(lambda h, *a: seen.append(h.dtype) or original.apply(h, *a))
+
+    monkeypatch.setattr(hooks_module, "AnchorProjectionFunction", Recording)
     run(tmp_path, "model.mixed_precision=bf16", "max_steps=4", assets=base_run)
     assert seen and set(seen) == {torch.bfloat16}
     got, want = read_metrics(tmp_path), read_metrics(base_run)
