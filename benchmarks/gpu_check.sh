@@ -82,7 +82,7 @@ if [ "$SMOKE" = 1 ]; then
   TRAIN_ARGS=(--models tiny --batch 2 --seq 32 --warmup 1 --rounds 2)
   LOAD_ARGS=(--toy --export); LOAD_LIMIT=120
   OPS_ARGS=(--models tiny --seq 16 --layouts padded)
-  HOST_ARGS=(--pairs 1 --host-steps 2 --set max_steps=4)
+  HOST_ARGS=(--pairs 1 --host-steps 2 --set max_steps=4); SMALL_LIMIT=150   # 2 CPU cores: model builds take the time
   # no "compiled"/"all" here: inductor's C++ build on a CPU would take minutes
   SETUPS_ARGS=(--setups padded packed chunked --models tiny --batch 4 --micro-batch 2 --seq 32 --seq-min 8 --steps 1)
 else
@@ -92,7 +92,7 @@ else
   # get what the stages before left of the 9.5 minutes (at least the 90 s the load alone had)
   LOAD_ARGS=(--export); LOAD_LIMIT=0
   OPS_ARGS=(--models tiny smollm2-135m)
-  HOST_ARGS=(--pairs 5 --host-steps 6)
+  HOST_ARGS=(--pairs 5 --host-steps 6); SMALL_LIMIT=40
   SETUPS_ARGS=(--setups padded packed chunked compiled all --models llama3-8b:4 --dtype bf16 --batch 8
                --micro-batch 4 --seq 2048 --seq-min 256 --steps 2)
 fi
@@ -112,9 +112,9 @@ stage bench_penalty 75 "$PY" "$REPO/benchmarks/bench_penalty.py" "${PENALTY_ARGS
 stage bench_train 70 "$PY" "$REPO/benchmarks/bench_train.py" "${TRAIN_ARGS[@]}" --out "$OUT/train_$TAG.csv"
 stage "bench_train setups" 110 "$PY" "$REPO/benchmarks/bench_train.py" "${SETUPS_ARGS[@]}" \
   --out "$OUT/setups_$TAG.csv"
-stage bench_ops 40 "$PY" "$REPO/benchmarks/bench_ops.py" "${OPS_ARGS[@]}" --out "$OUT/ops_$TAG.csv"
+stage bench_ops "$SMALL_LIMIT" "$PY" "$REPO/benchmarks/bench_ops.py" "${OPS_ARGS[@]}" --out "$OUT/ops_$TAG.csv"
 HOST_RUN=$(mktemp -d)   # the tiny run's directions and z0 cache: scratch, not results
-stage "host time per step" 40 "$PY" "$REPO/benchmarks/bench_train.py" --host tiny "${HOST_ARGS[@]}" \
+stage "host time per step" "$SMALL_LIMIT" "$PY" "$REPO/benchmarks/bench_train.py" --host tiny "${HOST_ARGS[@]}" \
   --run-dir "$HOST_RUN" --out "$OUT/host_$TAG.csv"
 rm -rf "$HOST_RUN"
 # a Llama-3-8B-shaped random model at full depth (16 GB of bf16 safetensors, written to scratch on the
