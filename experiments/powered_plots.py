@@ -81,5 +81,6 @@ def _label_pair(axes, top_label: str, xlabel: str, title: str) -> None:
     axes[0].set_ylabel(top_label)
     axes[1].set_ylabel("mean |z - z0|")
     axes[1].set_xlabel(xlabel)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:   # cells without probes draw nothing
+        axes[0].legend(fontsize=7)
     axes[0].set_title(title)

@@ -36,6 +36,8 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, None
+    if all(v == values[0] for v in values):
+        return values[0], 0.0   # exactly: rounding in the mean must not make a spread (Welch divides by it)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
