@@ -38,8 +38,10 @@ def compare_pair(cells: dict, outcomes: dict, seeds: list[int], a: str, b: str,
 
 
 def verdict(w: dict | None, boot: dict | None) -> str:
-    if w is None or boot is None or boot["low"] is None:
-        return "no test (too few seeds or no per-prompt data)"
+    if w is None:
+        return "no test (fewer than two seeds a side, or no spread over seeds on either side)"
+    if boot is None or boot["low"] is None:
+        return "no test (no per-prompt outcomes for the bootstrap)"
     beyond = abs(w["t"]) >= w["t_crit"]
     excludes = boot["low"] > 0 or boot["high"] < 0
     if beyond and excludes:

@@ -28,7 +28,8 @@ def frontier_plot(path: Path, cells: dict, seeds: list[int], variants: list[str]
             pts = sorted((mean_std(seed_values(cells, b, seeds, "ce"))[0], mean_std(seed_values(cells, b, seeds, m))[0])
                          for b in line if seed_values(cells, b, seeds, "ce"))
             if pts:
-                (drawn,) = ax.plot(*zip(*pts), "-s", label=f"{name} (lr 2e-4, 5e-4, 1e-3 means)")
+                drawn_from = ", ".join(b for b in line if seed_values(cells, b, seeds, "ce"))
+                (drawn,) = ax.plot(*zip(*pts), "-s", label=f"{name} line: {drawn_from}")
                 dots = [(metric(cells[c], "ce"), metric(cells[c], m))
                         for b in line for c in cell_names(cells, b, seeds)]
                 ax.plot(*zip(*dots), ".", color=drawn.get_color(), alpha=0.4)

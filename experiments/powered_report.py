@@ -149,7 +149,8 @@ def frontier_lines(gaps: list[dict]) -> list[str]:
              "Each variant's mean minus its baseline line (IFT for variants without safety data, IFT_safe for "
              "`_safe` variants; learning rates 2e-4, 5e-4, 1e-3) interpolated linearly at the variant's mean "
              "GSM8K test CE; bootstrap 95% interval over seeds and prompts of the variant and the baselines. "
-             "Off the frontier only where the interval excludes 0.", "",
+             "Off the frontier only where the interval excludes 0; below = a lower share than the baselines at the "
+             "same CE (better), above = higher. No value is extrapolated beyond the line's CE range.", "",
              "| variant | metric | mean CE | frontier CE range | variant | frontier | gap [95%] | status |",
              "|---|---|---|---|---|---|---|---|"]
     for g in gaps:
@@ -162,6 +163,8 @@ def frontier_lines(gaps: list[dict]) -> list[str]:
 
 
 def pair_lines(title: str, text: str, comparisons: dict) -> list[str]:
+    text += (" Verdict: differs = Welch's |t| at or above the critical t at its Welch-Satterthwaite df (5%, two-sided) "
+             "and the seed-and-prompt bootstrap interval excluding 0; undecided = only one of the two.")
     lines = [f"## {title}", "", text, "", "| comparison | metric | difference | bootstrap 95% | Welch | verdict |",
              "|---|---|---|---|---|---|"]
     for name, c in comparisons.items():

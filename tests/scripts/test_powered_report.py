@@ -182,7 +182,7 @@ def test_sham_against_real_reports_welch_df_and_bootstrap(tmp_path):
     sham = [cells[f"procon_wu_sham_s{s}"]["eval"]["strict_compliance_harmful_test"]["rate"] for s in range(3)]
     assert c["asr"]["welch"]["df"] == pytest.approx(stats.welch(real, sham)["df"], abs=1e-4)
     assert c["asr"]["diff"] == pytest.approx(-0.11) and c["asr"]["verdict"] == "differs"
-    assert c["over_refusal"]["verdict"] == "no test (too few seeds or no per-prompt data)"   # no spread at all
+    assert c["over_refusal"]["verdict"].startswith("no test (fewer than two seeds")   # no spread at all
     assert c["ce"]["bootstrap"]["low"] <= c["ce"]["diff"] <= c["ce"]["bootstrap"]["high"]
 
 
