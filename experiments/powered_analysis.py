@@ -68,10 +68,11 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
     """``variant``'s mean ``m`` minus its family's baseline line at the variant's mean CE, with the
     bootstrap interval (seeds and prompts of the variant and of every baseline cell resampled)."""
     line = [b for b in FAMILIES[family(variant)] if seed_values(cells, b, seeds, "ce")]
+    ce = seed_values(cells, variant, seeds, "ce")
     points = [(mean_std(seed_values(cells, b, seeds, "ce"))[0], mean_std(seed_values(cells, b, seeds, m))[0])
               for b in line]
-    ce = seed_values(cells, variant, seeds, "ce")
-    out = {"variant": variant, "metric": m, "line": line, "family": family(variant),
+    out = {"variant": variant, "metric": m, "line": line, "family": family(variant), "seeds": len(ce),
+           "line_seeds": [len(seed_values(cells, b, seeds, "ce")) for b in line],
            "ce_range": [min(p[0] for p in points), max(p[0] for p in points)] if points else None}
     if not ce:
         return out | {"status": "no cells"}
@@ -124,9 +125,10 @@ def choose_on_validation(cells: dict, outcomes: dict, seeds: list[int], variants
               for v in variants if v.startswith("procon") and "sham" not in v}
     eligible = [v for v, e in errors.items() if e and mean_std(seed_values(cells, v, seeds, "ce"))[0] <= limit]
     if not eligible:
-        return {"chosen": None, "ce_limit": limit}
+        return {"chosen": None, "ce_limit": limit, "candidates": {v: len(e) for v, e in errors.items()}}
     best = min(eligible, key=lambda v: (mean_std(errors[v])[0], v != DEFAULT_VARIANT))   # a tie keeps the default
-    out = {"chosen": best, "ce_limit": limit, "error_val": mean_std(errors[best]), "default": DEFAULT_VARIANT,
+    out = {"chosen": best, "ce_limit": limit, "candidates": {v: len(e) for v, e in errors.items()},
+           "error_val": mean_std(errors[best]), "default": DEFAULT_VARIANT,
            "asr": mean_std(seed_values(cells, best, seeds, "asr")),
            "over_refusal": mean_std(seed_values(cells, best, seeds, "over_refusal")), "welch": None,
            "bootstrap": None}

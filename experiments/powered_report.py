@@ -151,11 +151,12 @@ def frontier_lines(gaps: list[dict]) -> list[str]:
              "GSM8K test CE; bootstrap 95% interval over seeds and prompts of the variant and the baselines. "
              "Off the frontier only where the interval excludes 0; below = a lower share than the baselines at the "
              "same CE (better), above = higher. No value is extrapolated beyond the line's CE range.", "",
-             "| variant | metric | mean CE | frontier CE range | variant | frontier | gap [95%] | status |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | metric | seeds (variant; line) | mean CE | frontier CE range | variant | frontier "
+             "| gap [95%] | status |", "|---|---|---|---|---|---|---|---|---|"]
     for g in gaps:
         rng = "-" if g.get("ce_range") is None else f"{g['ce_range'][0]:.4f}-{g['ce_range'][1]:.4f}"
-        lines.append(f"| {g['variant']} | {g['metric']} | {g.get('ce', float('nan')):.4f} | {rng} | "
+        seeds = f"{g['seeds']}; " + ("/".join(map(str, g["line_seeds"])) or "-")
+        lines.append(f"| {g['variant']} | {g['metric']} | {seeds} | {g.get('ce', float('nan')):.4f} | {rng} | "
                      + (f"{g['value']:.1%}" if "value" in g else "-") + " | "
                      + (f"{g['frontier']:.1%} | {g['gap']:+.1%} {_boot(g.get('bootstrap'), '+.1%')}"
                         if "gap" in g else "- | -") + f" | {g['status']} |")
@@ -165,17 +166,18 @@ def frontier_lines(gaps: list[dict]) -> list[str]:
 def pair_lines(title: str, text: str, comparisons: dict) -> list[str]:
     text += (" Verdict: differs = Welch's |t| at or above the critical t at its Welch-Satterthwaite df (5%, two-sided) "
              "and the seed-and-prompt bootstrap interval excluding 0; undecided = only one of the two.")
-    lines = [f"## {title}", "", text, "", "| comparison | metric | difference | bootstrap 95% | Welch | verdict |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"## {title}", "", text, "", "| comparison | metric | seeds | difference | bootstrap 95% | Welch "
+             "| verdict |", "|---|---|---|---|---|---|---|"]
     for name, c in comparisons.items():
         for m, entry in c.items():
             if entry is None:
                 continue
             spec = "+.4f" if m == "ce" else "+.1%"
-            lines.append(f"| {name} | {m} | {entry['diff']:{spec}} | {_boot(entry['bootstrap'], spec)} | "
+            lines.append(f"| {name} | {m} | {entry['n'][0]}/{entry['n'][1]} | {entry['diff']:{spec}} | "
+                         f"{_boot(entry['bootstrap'], spec)} | "
                          f"{_welch(entry['welch'])} | {entry['verdict']} |")
     if not any(any(e for e in c.values()) for c in comparisons.values()):
-        lines.append("| (no pair has cells on both sides) | | | | | |")
+        lines.append("| (no pair has cells on both sides) | | | | | | |")
     return lines + [""]
 
 
@@ -183,9 +185,12 @@ def choice_lines(choice: dict | None) -> list[str]:
     lines = ["## Default chosen on the validation split", ""]
     if choice is None:
         return lines + ["No IFT cells: no CE limit, no choice.", ""]
+    considered = ", ".join(f"{v} ({n} seeds)" for v, n in choice["candidates"].items() if n) or "none"
+    absent = [v for v, n in choice["candidates"].items() if not n]
+    candidates = f"Candidates with cells: {considered}" + (f"; without cells: {', '.join(absent)}." if absent else ".")
     if choice["chosen"] is None:
         return lines + [f"No ProCon variant has mean GSM8K CE within {TASK_LOSS_SLACK:.0%} of IFT's "
-                        f"(limit {choice['ce_limit']:.4f}): no choice.", ""]
+                        f"(limit {choice['ce_limit']:.4f}): no choice. {candidates}", ""]
     stats_txt = ""
     if choice["welch"] or choice["bootstrap"]:
         stats_txt = (f" Against the default: {_welch(choice['welch'])}, bootstrap 95% interval of the difference "
@@ -193,7 +198,8 @@ def choice_lines(choice: dict | None) -> list[str]:
     return lines + [f"Lowest validation ASR + over-refusal among ProCon variants (sham excluded) with mean GSM8K CE "
                     f"within {TASK_LOSS_SLACK:.0%} of IFT's (limit {choice['ce_limit']:.4f}): **{choice['chosen']}**, "
                     f"validation error {_pm(choice['error_val'])}; on the test split ASR {_pm(choice['asr'])}, "
-                    f"over-refusal {_pm(choice['over_refusal'])}.{stats_txt} Verdict: {choice['verdict']}.", ""]
+                    f"over-refusal {_pm(choice['over_refusal'])}.{stats_txt} {candidates} "
+                    f"Verdict: {choice['verdict']}.", ""]
 
 
 def missing_lines(rows: list[dict], expected: list[str], cells: dict, seeds: list[int]) -> list[str]:
@@ -290,7 +296,7 @@ def main(argv=None) -> int:
     pairs = {"sham": SHAM_PAIRS, "band": BAND_PAIRS, "data": DATA_PAIRS}
     comparisons = {k: {f"{a} vs {b}": compare_pair(cells, outcomes, args.seeds, a, b, **kw) for a, b in v
                        if a in present and b in present} for k, v in pairs.items()}
-    choice = choose_on_validation(cells, outcomes, args.seeds, present, **kw)
+    choice = choose_on_validation(cells, outcomes, args.seeds, variants, **kw)
     agreement = judge_agreement(args.reading, args.results, cells, strict) if args.reading else None
     lines = [f"# Powered reproduction: {args.results.name}", "", *settings_lines(cells, args.seeds, strict),
              *variant_table(cells, rows, strict), *frontier_lines(gaps),

@@ -282,7 +282,20 @@ def test_report_end_to_end_lists_missing_cells_and_claims_nothing_about_them(tmp
     sham = table.split("## Sham directions")[1].split("##")[0]
     assert "no pair has cells on both sides" in sham
     frontier = table.split("## Against the baselines' frontier")[1].split("##")[0]
-    assert "| procon_wu | asr |" in frontier and "off the frontier (below)" in frontier
+    assert "| procon_wu | asr | 2; 3/3/3 |" in frontier and "off the frontier (below)" in frontier
+    choice = table.split("## Default chosen")[1].split("##")[0]
+    assert "procon_wu (2 seeds)" in choice and "without cells: procon_s, procon_wu_band" in choice
     assert "No human reading given" in table and (tmp_path / "frontier.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["judge"] == "strict" and summary["frontier"][0]["variant"] == "procon_wu"
+    # the reading round trip through the command line: a sample, labelled as the judge would, agrees fully
+    sample = tmp_path / "to_read.jsonl"
+    assert report.main(["--results", str(tmp_path), "--sample-reading", "4", "--seed", "1",
+                        "--reading-out", str(sample)]) == 0
+    rows = [json.loads(x) for x in sample.read_text().splitlines()]
+    labels = {c: powered_cells.read_completions(tmp_path, c) for c in {r["cell"] for r in rows}}
+    sample.write_text("".join(json.dumps(r | {"human_label": labels[r["cell"]][r["split"]][r["prompt_index"]]
+                                               ["judge"]}) + "\n" for r in rows))
+    assert report.main(["--results", str(tmp_path), "--draws", "50", "--reading", str(sample)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert f"| all | {len(rows)} | {len(rows)} | 100% [" in table and "| ift | 4 | 4 |" in table
