@@ -102,13 +102,14 @@ def settings_lines(cells: dict, seeds: list[int], strict: bool) -> list[str]:
     n = {k: ev[k]["n"] for k in ("asr_test", "asr_val", "over_refusal_test", "over_refusal_val")}
     removed = ev.get("removed_not_instructions")
     judge = ("the strict judge (refusal / compliance / degenerate; fastprocon/refusal/judge.py), the paper's "
-             "substring rule beside it" if strict else "the paper's substring rule (these cells predate the strict "
-             "judge: no degenerate column)")
+             "substring rule beside it" if strict else "the paper's substring rule (the cells hold no strict-judge "
+             "labels: no degenerate column)")
     return ["## Settings", "",
             f"Code: {describe(any_cell['code_version'])}. Seeds {seeds}. Judge: {judge}. Greedy decoding, "
             f"{ev['settings']['max_new_tokens']} new tokens. Prompts: {n['asr_test']} harmful / "
             f"{n['over_refusal_test']} harmless test, {n['asr_val']} / {n['over_refusal_val']} validation"
-            + (f", after removing {removed} harmful prompts that are not harmful instructions" if removed else
+            + (f", after removing {removed} harmful prompts that are not harmful instructions (the driver's "
+               "--not-instructions file lists them)" if removed else
                (" (no filter of the harmful prompts)" if removed is None else ", none removed by the filter"))
             + f"; GSM8K test CE over {ev['gsm8k_test_ce']['n_examples']} rows.", ""]
 
