@@ -48,15 +48,6 @@ def recovery(asr_ift: float, asr_variant: float, asr_aligned: float) -> float | 
     return None if abs(lost) < 1e-12 else (asr_ift - asr_variant) / lost
 
 
-def welch_t(a: list[float], b: list[float]) -> float | None:
-    """Welch's t statistic of mean(a) - mean(b) (None with fewer than two values on a side or no spread)."""
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    if sa is None or sb is None:
-        return None
-    se = math.sqrt(sa * sa / len(a) + sb * sb / len(b))
-    return None if se == 0 else (ma - mb) / se
-
-
 def _beta_continued_fraction(a: float, b: float, x: float, eps: float = 1e-15, max_terms: int = 500) -> float:
     """The continued fraction of I_x(a, b) (modified Lentz; converges fast for x < (a + 1) / (a + b + 2))."""
     tiny = 1e-300

@@ -35,9 +35,9 @@ def test_mean_std_recovery_and_welch():
     assert stats.recovery(0.6, 0.2, 0.1) == pytest.approx(0.8)
     assert stats.recovery(0.6, 0.7, 0.1) == pytest.approx(-0.2)
     assert stats.recovery(0.1, 0.2, 0.1) is None      # IFT lost nothing: undefined, not 0 or inf
-    t = stats.welch_t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
-    assert t == pytest.approx(-3.0 / math.sqrt(2 / 3))
-    assert stats.welch_t([1.0], [2.0, 3.0]) is None
+    w = stats.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert w["t"] == pytest.approx(-3.0 / math.sqrt(2 / 3)) and w["df"] == pytest.approx(4.0)   # equal spreads
+    assert stats.welch([1.0], [2.0, 3.0]) is None
 
 
 def _cell(variant, seed, asr_val, refusal_val, ce):
