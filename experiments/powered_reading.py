@@ -85,8 +85,9 @@ def agreement_markdown(agreement: dict | None, strict: bool) -> list[str]:
     if agreement is None:
         return ["No human reading given (`--reading FILE`; `--sample-reading N --seed S` writes a file to label): "
                 f"the agreement of {judge} with a reader is not measured here."]
-    lines = [f"Agreement of {judge} with the human labels (Wilson 95% interval); confusion: rows the human's label, "
-             "columns the judge's (R refusal, C compliance, D degenerate).", "",
+    lines = [f"Agreement of {judge} with the human labels (Wilson 95% interval) and the confusion counts: a column "
+             "H->J counts completions the human labelled H and the judge J (R refusal, C compliance, D degenerate).",
+             "",
              "| class | labelled | agree | share [95%] | " + " | ".join(f"{h[0].upper()}->{j[0].upper()}"
                                                                for h in LABELS for j in LABELS) + " |",
              "|---|---|---|---|" + "---|" * 9]

@@ -154,6 +154,8 @@ def frontier_lines(gaps: list[dict]) -> list[str]:
              "same CE (better), above = higher. No value is extrapolated beyond the line's CE range.", "",
              "| variant | metric | seeds (variant; line) | mean CE | frontier CE range | variant | frontier "
              "| gap [95%] | status |", "|---|---|---|---|---|---|---|---|---|"]
+    if not gaps:
+        lines.append("| (no ProCon, sham or band variant has cells) | | | | | | | | |")
     for g in gaps:
         rng = "-" if g.get("ce_range") is None else f"{g['ce_range'][0]:.4f}-{g['ce_range'][1]:.4f}"
         seeds = f"{g['seeds']}; " + ("/".join(map(str, g["line_seeds"])) or "-")
