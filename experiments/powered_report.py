@@ -191,6 +191,8 @@ def choice_lines(choice: dict | None) -> list[str]:
     considered = ", ".join(f"{v} ({n} seeds)" for v, n in choice["candidates"].items() if n) or "none"
     absent = [v for v, n in choice["candidates"].items() if not n]
     candidates = f"Candidates with cells: {considered}" + (f"; without cells: {', '.join(absent)}." if absent else ".")
+    if choice["chosen"] is None and not any(choice["candidates"].values()):
+        return lines + [f"No ProCon candidate has cells: no choice. {candidates}", ""]
     if choice["chosen"] is None:
         return lines + [f"No ProCon variant has mean GSM8K CE within {TASK_LOSS_SLACK:.0%} of IFT's "
                         f"(limit {choice['ce_limit']:.4f}): no choice. {candidates}", ""]

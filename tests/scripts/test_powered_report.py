@@ -299,3 +299,10 @@ def test_report_end_to_end_lists_missing_cells_and_claims_nothing_about_them(tmp
     assert report.main(["--results", str(tmp_path), "--draws", "50", "--reading", str(sample)]) == 0
     table = (tmp_path / "table.md").read_text()
     assert f"| all | {len(rows)} | {len(rows)} | 100% [" in table and "| ift | 4 | 4 |" in table
+
+
+def test_choice_text_tells_no_cells_from_no_candidate_within_the_ce_limit():
+    none = "\n".join(report.choice_lines({"chosen": None, "ce_limit": 1.3, "candidates": {"procon_wu": 0}}))
+    assert "No ProCon candidate has cells" in none and "without cells: procon_wu" in none
+    over = "\n".join(report.choice_lines({"chosen": None, "ce_limit": 1.3, "candidates": {"procon_wu": 3}}))
+    assert "within 5% of IFT's (limit 1.3000)" in over and "procon_wu (3 seeds)" in over
