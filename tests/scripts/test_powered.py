@@ -35,9 +35,9 @@ def test_mean_std_recovery_and_welch():
     assert stats.recovery(0.6, 0.2, 0.1) == pytest.approx(0.8)
     assert stats.recovery(0.6, 0.7, 0.1) == pytest.approx(-0.2)
     assert stats.recovery(0.1, 0.2, 0.1) is None      # IFT lost nothing: undefined, not 0 or inf
-    t = stats.welch_t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
-    assert t == pytest.approx(-3.0 / math.sqrt(2 / 3))
-    assert stats.welch_t([1.0], [2.0, 3.0]) is None
+    w = stats.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert w["t"] == pytest.approx(-3.0 / math.sqrt(2 / 3)) and w["df"] == pytest.approx(4.0)   # equal spreads
+    assert stats.welch([1.0], [2.0, 3.0]) is None
 
 
 def _cell(variant, seed, asr_val, refusal_val, ce):
@@ -46,48 +46,29 @@ def _cell(variant, seed, asr_val, refusal_val, ce):
                                                       "gsm8k_test_ce": {"ce": ce}}, "probes": []}
 
 
-def test_choice_on_validation_weighs_over_refusal_and_needs_consistency():
+def test_start_to_start_moves_with_welch_satterthwaite():
     import powered_report as report
 
-    def choose(spec):   # {variant: [(asr_val, over_refusal_val, ce) per seed]}
-        cells = {f"{v}_s{s}": _cell(v, s, *m) for v, runs in spec.items() for s, m in enumerate(runs)}
-        return report.choose_on_validation(report.variant_rows(cells, [0, 1, 2], list(spec)), cells, [0, 1, 2])
-
-    ift, default = [(0.2, 0.1, 1.0)] * 3, [(0.10, 0.15, 1.0), (0.11, 0.14, 1.0), (0.09, 0.16, 1.0)]
-    # refusing everything has the lowest ASR but not the lowest error; CE above 1.05 x IFT's is out
-    choice = choose({"ift": ift, "procon_wu_safe": default, "procon_s": [(0.0, 0.9, 1.0)] * 3,
-                     "procon_wu": [(0.01, 0.01, 1.2)] * 3})
-    assert choice["chosen"] == "procon_wu_safe" and choice["verdict"] == "the default is the chosen setting"
-    # lower error by far more than the seed spread: consistently better
-    choice = choose({"ift": ift, "procon_wu_safe": default,
-                     "procon_s_token": [(0.05, 0.10, 1.0), (0.06, 0.09, 1.0), (0.04, 0.11, 1.0)]})
-    assert choice["chosen"] == "procon_s_token" and choice["t_vs_default"] < -2.78
-    assert "consistently better" in choice["verdict"] and "not" not in choice["verdict"]
-    # lower on average but within the seed spread: the default stays
-    choice = choose({"ift": ift, "procon_wu_safe": default,
-                     "procon_s_token": [(0.02, 0.10, 1.0), (0.15, 0.14, 1.0), (0.10, 0.18, 1.0)]})
-    assert choice["chosen"] == "procon_s_token" and "keep the default" in choice["verdict"]
-
-
-def test_start_to_start_moves_and_comparisons_in_both_starts():
-    import powered_report as report
-
-    def start(ift_asr, wu_asrs):
+    def start(ift_asr, wu_asrs):   # cells without the strict judge: the substring rule's rates
         cells = {"aligned": {**_cell(None, None, 0.08, 0.14, 1.6), "code_version": {"code": "0123", "commit": None}}}
         cells |= {f"ift_s{s}": _cell("ift", s, a, 0.08, 1.2) for s, a in enumerate(ift_asr)}
         cells |= {f"procon_wu_s{s}": _cell("procon_wu", s, a, 0.15, 1.2) for s, a in enumerate(wu_asrs)}
-        rows = report.variant_rows(cells, [0, 1, 2], ["ift", "procon_wu"])
-        return cells, rows, report.compare_with(rows, cells, [0, 1, 2], [("procon_wu", "ift")])
+        return cells, report.variant_rows(cells, [0, 1, 2], ["ift", "procon_wu"])
 
     here, there = start([0.17, 0.18, 0.16], [0.07, 0.08, 0.06]), start([0.17, 0.17], [0.10, 0.09])
     moves = report.start_to_start(here[1], here[0], there[1], there[0], [0, 1, 2])
-    asr = moves["procon_wu"]["asr_test"]
+    asr = moves["procon_wu"]["asr"]
     assert asr["diff"] == pytest.approx(0.07 - 0.095)
-    assert asr["t"] == round(stats.welch_t([0.07, 0.08, 0.06], [0.10, 0.09]), 2) < -2.78   # moved beyond the seeds
-    assert moves["ift"]["asr_test"]["diff"] == pytest.approx(0.0)
-    text = "\n".join(report.start_markdown("v1", here[0], there[0], moves, here[2], there[2]))
-    assert "| procon_wu | 7.0% ± 1.0% / 9.5% ± 0.7% | -2.5%" in text and "| aligned | 8.0% / 8.0% | +0.0%" in text
-    assert "procon_wu vs ift: test ASR -10.0%; -7.5%" in text
+    assert asr["welch"] == stats.welch([0.07, 0.08, 0.06], [0.10, 0.09])
+    assert asr["welch"]["t"] < -asr["welch"]["t_crit"]                  # moved beyond the seeds
+    ift = moves["ift"]["asr"]["welch"]                                     # no spread there: df = here's n - 1
+    assert ift["t"] == 0.0 and ift["df"] == 2.0 and ift["p"] == pytest.approx(1.0)
+    text = "\n".join(report.start_markdown("v1", here[0], there[0], moves))
+    w = asr["welch"]   # s^2/n: 1e-4/3 here, 0.5e-4/2 there
+    assert w["t"] == pytest.approx(-0.025 / math.sqrt(1e-4 / 3 + 0.5e-4 / 2))
+    assert w["df"] == pytest.approx((1e-4 / 3 + 0.5e-4 / 2) ** 2 / ((1e-4 / 3) ** 2 / 2 + (0.5e-4 / 2) ** 2 / 1))
+    assert f"| procon_wu | 7.0% ± 1.0% / 9.5% ± 0.7% | -2.5% (t {w['t']:.2f}, df {w['df']:.1f}, p {w['p']:.3f})" in text
+    assert "| aligned | 8.0% / 8.0% | +0.0%" in text
 
 
 def test_same_run_compares_every_logged_value_but_timings(tmp_path):
@@ -221,7 +202,7 @@ def test_powered_driver_on_tiny(tmp_path, shared_data):
     out = run(REPORT, "--results", results, "--seeds", 0, 1, "--variants", "ift", "procon_wu_safe_sham",
               "--other-start", results)
     table = (results / "table.md").read_text()
-    assert "missing ift_s1" in table and cell["code_version"]["code"] in table
+    assert "ift_s1" in table.split("## Missing cells")[1] and cell["code_version"]["code"] in table
     assert "Another start" in table and "| ift | " in table.split("Another start")[1]   # here: against itself
-    for png in ("asr_vs_loss.png", "drift_layers.png", "drift_steps.png"):
+    for png in ("frontier.png", "drift_layers.png", "drift_steps.png"):
         assert (results / png).stat().st_size > 0

@@ -1,0 +1,156 @@
+"""The powered report's comparisons: two variants against each other, a variant against the baselines'
+frontier, and the validation-split choice of the default. Every difference comes with Welch's t
+(Welch-Satterthwaite degrees of freedom, over seeds) and a seed-and-prompt bootstrap interval; a
+difference is called only when both agree (|t| above the critical value and the interval excluding 0).
+"""
+from __future__ import annotations
+
+from powered_cells import FAMILIES, family, metric, samples, seed_values
+from stats import mean_std, seed_prompt_bootstrap, welch
+
+DRAWS = 2000
+TASK_LOSS_SLACK = 0.05   # the default is chosen among variants with GSM8K test CE within 5% of IFT's
+DEFAULT_VARIANT = "procon_wu_safe"   # what `fastprocon train` runs by default (fastprocon/configs/default.toml)
+UNDEFINED_SHARE = 0.05   # frontier gaps: a decision needs the variant's CE inside the line in >= 95% of draws
+
+
+def _rounded(w: dict | None) -> dict | None:
+    return None if w is None else {k: round(v, 4) for k, v in w.items()}
+
+
+def compare_pair(cells: dict, outcomes: dict, seeds: list[int], a: str, b: str,
+                 metrics: tuple[str, ...] = ("asr", "over_refusal", "ce"), draws: int = DRAWS, seed: int = 0) -> dict:
+    """mean(a) - mean(b) per metric with Welch's test over seeds and the bootstrap interval (CE has no
+    per-prompt values: its bootstrap resamples seeds only). None where a side has no cells."""
+    out = {}
+    for m in metrics:
+        va, vb = seed_values(cells, a, seeds, m), seed_values(cells, b, seeds, m)
+        if not va or not vb or None in va + vb:
+            out[m] = None
+            continue
+        w = welch(va, vb)
+        sa, sb = samples(cells, outcomes, a, seeds, [m]), samples(cells, outcomes, b, seeds, [m])
+        boot = None if sa is None or sb is None else seed_prompt_bootstrap(
+            {a: sa, b: sb}, lambda means, m=m: means[a][m] - means[b][m], draws=draws, seed=seed)
+        out[m] = {"diff": mean_std(va)[0] - mean_std(vb)[0], "n": (len(va), len(vb)), "welch": _rounded(w),
+                  "bootstrap": boot, "verdict": verdict(w, boot)}
+    return out
+
+
+def verdict(w: dict | None, boot: dict | None) -> str:
+    if w is None:
+        return "no test (fewer than two seeds a side, or no spread over seeds on either side)"
+    if boot is None or boot["low"] is None:
+        return "no test (no per-prompt outcomes for the bootstrap)"
+    beyond = abs(w["t"]) >= w["t_crit"]
+    excludes = boot["low"] > 0 or boot["high"] < 0
+    if beyond and excludes:
+        return "differs"
+    if beyond or excludes:
+        return "undecided (Welch and the bootstrap disagree)"
+    return "no difference shown"
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear line through ``points`` (CE, y), sorted by CE, at ``x``; None outside its
+    CE range (no extrapolation)."""
+    points = sorted(points)
+    if len(points) < 2 or not points[0][0] <= x <= points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return (y0 + y1) / 2 if x1 == x0 else y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+    return None
+
+
+def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m: str,
+                 draws: int = DRAWS, seed: int = 0) -> dict:
+    """``variant``'s mean ``m`` minus its family's baseline line at the variant's mean CE, with the
+    bootstrap interval (seeds and prompts of the variant and of every baseline cell resampled)."""
+    line = [b for b in FAMILIES[family(variant)] if seed_values(cells, b, seeds, "ce")]
+    ce = seed_values(cells, variant, seeds, "ce")
+    points = [(mean_std(seed_values(cells, b, seeds, "ce"))[0], mean_std(seed_values(cells, b, seeds, m))[0])
+              for b in line]
+    out = {"variant": variant, "metric": m, "line": line, "family": family(variant), "seeds": len(ce),
+           "line_seeds": [len(seed_values(cells, b, seeds, "ce")) for b in line],
+           "ce_range": [min(p[0] for p in points), max(p[0] for p in points)] if points else None}
+    if not ce:
+        return out | {"status": "no cells"}
+    out["ce"], out["value"] = mean_std(ce)[0], mean_std(seed_values(cells, variant, seeds, m))[0]
+    if len(line) < 2:
+        return out | {"status": f"no frontier: {len(line)} of the {len(FAMILIES[family(variant)])} "
+                                f"{family(variant)} baselines {'has' if len(line) == 1 else 'have'} cells"}
+    at = interpolate(points, out["ce"])
+    if at is None:
+        return out | {"status": "outside the frontier's range"}
+    out |= {"frontier": at, "gap": out["value"] - at}
+    groups = {v: samples(cells, outcomes, v, seeds, ["ce", m]) for v in [variant, *line]}
+    if any(g is None for g in groups.values()):
+        return out | {"status": "no per-prompt data for the interval"}
+
+    def gap(means):
+        f = interpolate([(means[b]["ce"], means[b][m]) for b in line], means[variant]["ce"])
+        return None if f is None else means[variant][m] - f
+
+    boot = seed_prompt_bootstrap(groups, gap, draws=draws, seed=seed)
+    out["bootstrap"] = boot
+    if boot["undefined"] > UNDEFINED_SHARE * draws or boot["low"] is None:
+        status = (f"undecided: the variant's CE falls outside the line in {boot['undefined'] / draws:.0%} "
+                  "of bootstrap draws")
+    elif boot["high"] < 0:
+        status = "off the frontier (below)"
+    elif boot["low"] > 0:
+        status = "off the frontier (above)"
+    else:
+        status = "on the frontier (interval covers 0)"
+    return out | {"status": status}
+
+
+def validation_error(cell: dict) -> float:
+    """Validation ASR + validation over-refusal: both failure modes, so refusing everything cannot win."""
+    return metric(cell, "asr_val") + metric(cell, "over_refusal_val")
+
+
+def choose_on_validation(cells: dict, outcomes: dict, seeds: list[int], variants: list[str],
+                         draws: int = DRAWS, seed: int = 0) -> dict | None:
+    """The ProCon variant (sham controls excluded) with the lowest mean validation error among those
+    whose mean test CE is within 5% of IFT's (CE is the task measure, not tuned on; only validation
+    prompts choose). It replaces DEFAULT_VARIANT only when its error is lower by Welch's test
+    (t <= -critical t at the Welch-Satterthwaite df) and the bootstrap interval lies below 0."""
+    ift_ce = mean_std(seed_values(cells, "ift", seeds, "ce"))[0]
+    if ift_ce is None:
+        return None
+    limit = ift_ce * (1 + TASK_LOSS_SLACK)
+    errors = {v: [validation_error(cells[f"{v}_s{s}"]) for s in seeds if f"{v}_s{s}" in cells]
+              for v in variants if v.startswith("procon") and "sham" not in v}
+    eligible = [v for v, e in errors.items() if e and mean_std(seed_values(cells, v, seeds, "ce"))[0] <= limit]
+    if not eligible:
+        return {"chosen": None, "ce_limit": limit, "candidates": {v: len(e) for v, e in errors.items()}}
+    best = min(eligible, key=lambda v: (mean_std(errors[v])[0], v != DEFAULT_VARIANT))   # a tie keeps the default
+    out = {"chosen": best, "ce_limit": limit, "candidates": {v: len(e) for v, e in errors.items()},
+           "error_val": mean_std(errors[best]), "default": DEFAULT_VARIANT,
+           "asr": mean_std(seed_values(cells, best, seeds, "asr")),
+           "over_refusal": mean_std(seed_values(cells, best, seeds, "over_refusal")), "welch": None,
+           "bootstrap": None}
+    if best == DEFAULT_VARIANT:
+        return out | {"verdict": f"the default ({DEFAULT_VARIANT}) has the lowest validation error: keep it"}
+    if not errors.get(DEFAULT_VARIANT):
+        return out | {"verdict": f"the default ({DEFAULT_VARIANT}) has no cells: no comparison, no change"}
+    w = welch(errors[best], errors[DEFAULT_VARIANT])
+    metrics = ["asr_val", "over_refusal_val"]
+    sa, sb = samples(cells, outcomes, best, seeds, metrics), samples(cells, outcomes, DEFAULT_VARIANT, seeds, metrics)
+    boot = None if sa is None or sb is None else seed_prompt_bootstrap(
+        {best: sa, DEFAULT_VARIANT: sb},
+        lambda means: sum(means[best][k] for k in metrics) - sum(means[DEFAULT_VARIANT][k] for k in metrics),
+        draws=draws, seed=seed)
+    out |= {"welch": _rounded(w), "bootstrap": boot}
+    lower = (w is not None and w["t"] <= -w["t_crit"] and boot is not None and boot["high"] is not None
+             and boot["high"] < 0)
+    diff = mean_std(errors[best])[0] - mean_std(errors[DEFAULT_VARIANT])[0]
+    if lower:
+        out["verdict"] = (f"{best}'s validation error is lower than the default {DEFAULT_VARIANT}'s by {-diff:.1%} "
+                          "beyond the seed and prompt noise (Welch and bootstrap agree): make it the default")
+    else:
+        out["verdict"] = (f"{best}'s validation error is {-diff:.1%} lower than the default {DEFAULT_VARIANT}'s "
+                          "on average, but not beyond the seed and prompt noise: keep the default")
+    return out
