@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from bench_startup import write_model  # noqa: E402
+from bench_startup import model_arguments, model_directory, write_model  # noqa: E402
 
 FIELDS = (*harness.ENV_FIELDS, "path", "round", "rank", "processes", "params_m", "model_fp32_mib", "before_mib",
           "export_growth_mib", "growth_over_share", "seconds", "load_avg_1m")
@@ -122,22 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         worker(*argv[1:])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=17)
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--inter", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--nproc", type=int, default=2)
+    model_arguments(p)
     p.add_argument("--rounds", type=int, default=1, help="alternating gather/sharded exports (default 1)")
-    p.add_argument("--model-dir", help="where the random model is written once (default: under $FASTPROCON_CACHE "
-                                       "or ~/.cache/fastprocon/bench)")
     p.add_argument("--out", default=str(harness.RESULTS_DIR / "export_cpu.csv"))
     args = p.parse_args(argv)
-    from fastprocon.models.specs import cache_root
-
-    shape = f"llama-l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-bf16"
-    directory = Path(args.model_dir) if args.model_dir else cache_root().parent / "bench" / shape
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory = model_directory(args)
     n_params = write_model(directory, args)
     fp32_mib = 4 * n_params / 2**20
     print(f"model {directory}: {n_params / 1e6:.1f} M parameters ({fp32_mib:.0f} MiB in fp32)")

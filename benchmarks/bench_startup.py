@@ -47,6 +47,28 @@ FIELDS = (*harness.ENV_FIELDS, "path", "round", "processes", "params_m", "file_m
 PATHS = ("from_pretrained", "sharded")
 
 
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The random Llama's shape, the process count and where the model is written (shared with bench_export)."""
+    p.add_argument("--layers", type=int, default=17)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--inter", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--model-dir", help="where the random model is written once (default: under $FASTPROCON_CACHE "
+                                       "or ~/.cache/fastprocon/bench)")
+
+
+def model_directory(args) -> Path:
+    """--model-dir, or a cache directory named by the shape (its parent made)."""
+    from fastprocon.models.specs import cache_root
+
+    shape = f"llama-l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-bf16"
+    directory = Path(args.model_dir) if args.model_dir else cache_root().parent / "bench" / shape
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def write_model(directory: Path, args) -> int:
     """A random Llama saved as bf16 safetensors in files of <= 256 MB (with an index), once.
     Returns the parameter count."""
@@ -155,22 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         worker(*argv[1:])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=17)
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--inter", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--nproc", type=int, default=2)
+    model_arguments(p)
     p.add_argument("--rounds", type=int, default=2, help="alternating from_pretrained/sharded start-ups (default 2)")
-    p.add_argument("--model-dir", help="where the random model is written once (default: under $FASTPROCON_CACHE "
-                                       "or ~/.cache/fastprocon/bench)")
     p.add_argument("--out", default=str(harness.RESULTS_DIR / "startup_cpu.csv"))
     args = p.parse_args(argv)
-    from fastprocon.models.specs import cache_root
-
-    shape = f"llama-l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-bf16"
-    directory = Path(args.model_dir) if args.model_dir else cache_root().parent / "bench" / shape
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory = model_directory(args)
     n_params = write_model(directory, args)
     file_mib = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**20
     print(f"model {directory}: {n_params / 1e6:.1f} M parameters, {file_mib:.0f} MiB of bf16 safetensors in "
