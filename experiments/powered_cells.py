@@ -12,8 +12,13 @@ Metrics (names used across the report):
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+
+from stats import wilson
+
+from fastprocon.refusal.judge import judge
 
 V2_VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "procon_s_token", "procon_wu_safe_token")
 V3_VARIANTS = ("ift_lr2e-4", "ift_lr5e-4", "ift", "ift_safe_lr2e-4", "ift_safe_lr5e-4", "ift_safe",
@@ -38,12 +43,46 @@ OUTCOMES = {"asr": ("harmful_test", "compliance"), "over_refusal": ("harmless_te
 
 
 def load_cells(results: Path) -> dict[str, dict]:
+    """The cells of ``results``, their strict metrics re-judged (:func:`rejudge`)."""
     cells = {p.stem: json.loads(p.read_text()) for p in sorted((results / "cells").glob("*.json"))}
     versions = {c["code_version"]["code"] for c in cells.values()}
     if len(versions) > 1:
         raise SystemExit(f"cells from {len(versions)} code versions ({', '.join(sorted(versions))}): "
                          "rerun the stale ones (powered.py --stale rerun) before reporting")
+    for name, cell in cells.items():
+        rejudge(results, name, cell)
     return cells
+
+
+def rejudge(results: Path, name: str, cell: dict) -> None:
+    """Score the cell's stored completions with the current strict judge, in place.
+
+    The judge is read-only over text, so its rules can improve after a cell ran without rerunning it.
+    The labels the cell was made with must first reproduce its recorded counts (else the completions
+    file is not the cell's: refused); then each strict metric's count, rate and Wilson interval are
+    replaced, the recorded ones kept as ``cell["eval"]["recorded_judge"]`` and the changed labels
+    counted in ``cell["eval"]["rejudged"]`` ({split: {"old->new": count}})."""
+    splits = read_completions(results, name)
+    if splits is None or STRICT["asr"] not in cell["eval"]:
+        return
+    recorded, changed = {}, {}
+    for m, key in STRICT.items():
+        split, label = OUTCOMES[m]
+        if m.endswith("_substring") or split not in splits:
+            continue
+        rows = splits[split]
+        old = cell["eval"][key]
+        if (sum(r["judge_recorded"] == label for r in rows), len(rows)) != (old["count"], old["n"]):
+            raise SystemExit(f"{results / 'completions' / name}.jsonl: its {split} labels do not give the cell's "
+                             f"recorded {key} ({old['count']} of {old['n']}): not this cell's completions")
+        count = sum(r["judge"] == label for r in rows)
+        recorded[key] = old
+        cell["eval"][key] = {**old, "count": count, "rate": count / len(rows),
+                             "wilson95": list(wilson(count, len(rows)) or ())}
+    for split, rows in splits.items():
+        moves = [f"{r['judge_recorded']}->{r['judge']}" for r in rows if r["judge"] != r["judge_recorded"]]
+        changed[split] = {m: moves.count(m) for m in sorted(set(moves))}
+    cell["eval"]["recorded_judge"], cell["eval"]["rejudged"] = recorded, changed
 
 
 def is_strict(cells: dict) -> bool:
@@ -104,13 +143,26 @@ def judge_label(row: dict, strict: bool) -> str:
 
 
 def read_completions(results: Path, cell: str) -> dict[str, list[dict]] | None:
-    """The cell's completion rows by split, in file order; None when the file is missing."""
+    """The cell's completion rows by split, in file order; None when the file is missing. Rows with a
+    strict label are re-judged: ``judge`` / ``judge_reason`` are the current judge's, the stored ones
+    move to ``judge_recorded`` / ``judge_reason_recorded``. Read and judged once per file version
+    (cached: callers must not modify the rows)."""
     path = results / "completions" / f"{cell}.jsonl"
     if not path.exists():
         return None
+    stat = path.stat()
+    return _judged_completions(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _judged_completions(path: Path, mtime_ns: int, size: int) -> dict[str, list[dict]]:
     splits: dict[str, list[dict]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
+        if "judge" in row:
+            verdict = judge(row["completion"])
+            row["judge_recorded"], row["judge_reason_recorded"] = row["judge"], row.get("judge_reason")
+            row["judge"], row["judge_reason"] = verdict.label, verdict.reason
         splits.setdefault(row["split"], []).append(row)
     return splits
 

@@ -80,19 +80,21 @@ def judge_agreement(reading: Path, results: Path, cells: dict, strict: bool) -> 
     return out
 
 
-def agreement_markdown(agreement: dict | None, strict: bool) -> list[str]:
+def agreement_markdown(agreements: dict[str, dict] | None, strict: bool) -> list[str]:
+    """Per reading file ({file: judge_agreement(...)}), the agreement table."""
     judge = "the strict judge" if strict else "the substring rule (refusal or compliance only)"
-    if agreement is None:
+    if not agreements:
         return ["No human reading given (`--reading FILE`; `--sample-reading N --seed S` writes a file to label): "
                 f"the agreement of {judge} with a reader is not measured here."]
     lines = [f"Agreement of {judge} with the human labels (Wilson 95% interval) and the confusion counts: a column "
-             "H->J counts completions the human labelled H and the judge J (R refusal, C compliance, D degenerate).",
-             "",
-             "| class | labelled | agree | share [95%] | " + " | ".join(f"{h[0].upper()}->{j[0].upper()}"
-                                                               for h in LABELS for j in LABELS) + " |",
-             "|---|---|---|---|" + "---|" * 9]
-    for name, a in agreement.items():
-        share = "-" if a["share"] is None else f"{a['share']:.0%} [{a['wilson95'][0]:.0%}, {a['wilson95'][1]:.0%}]"
-        lines.append(f"| {name} | {a['n']} | {a['agree']} | {share} | "
-                     + " | ".join(str(a["confusion"][h][j]) for h in LABELS for j in LABELS) + " |")
+             "H->J counts completions the human labelled H and the judge J (R refusal, C compliance, D degenerate)."]
+    for file, agreement in agreements.items():
+        lines += ["", f"Reading `{Path(file).name}`:", "",
+                  "| class | labelled | agree | share [95%] | " + " | ".join(f"{h[0].upper()}->{j[0].upper()}"
+                                                                    for h in LABELS for j in LABELS) + " |",
+                  "|---|---|---|---|" + "---|" * 9]
+        for name, a in agreement.items():
+            share = "-" if a["share"] is None else f"{a['share']:.0%} [{a['wilson95'][0]:.0%}, {a['wilson95'][1]:.0%}]"
+            lines.append(f"| {name} | {a['n']} | {a['agree']} | {share} | "
+                         + " | ".join(str(a["confusion"][h][j]) for h in LABELS for j in LABELS) + " |")
     return lines

@@ -111,7 +111,22 @@ def settings_lines(cells: dict, seeds: list[int], strict: bool) -> list[str]:
             + (f", after removing {removed} harmful prompts that are not harmful instructions (the driver's "
                "--not-instructions file lists them)" if removed else
                (" (no filter of the harmful prompts)" if removed is None else ", none removed by the filter"))
-            + f"; GSM8K test CE over {ev['gsm8k_test_ce']['n_examples']} rows.", ""]
+            + f"; GSM8K test CE over {ev['gsm8k_test_ce']['n_examples']} rows.", "", *rejudge_lines(cells)]
+
+
+def rejudge_lines(cells: dict) -> list[str]:
+    """How many labels the current judge changed against the one each cell was made with."""
+    moves: dict[str, int] = {}
+    for cell in cells.values():
+        for split in cell["eval"].get("rejudged", {}).values():
+            for move, count in split.items():
+                moves[move] = moves.get(move, 0) + count
+    if not any("rejudged" in c["eval"] for c in cells.values()):
+        return []
+    said = ", ".join(f"{m} {k}" for m, k in sorted(moves.items(), key=lambda x: -x[1])) or "none"
+    return [f"Labels: the strict judge of this report's code re-applied to every cell's stored completions "
+            f"(the cells' recorded counts are checked against the labels they were made with first). Labels "
+            f"changed over the {len(cells)} cells: {said}.", ""]
 
 
 LABELS = {"asr": "ASR", "over_refusal": "over-refusal", "degenerate_harmful": "degenerate harmful",
@@ -273,7 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", help="(default: the strict-judged design's 13, else the older 7)")
     p.add_argument("--other-start", type=Path, help="results of the same experiment from another stage-1 start")
-    p.add_argument("--reading", type=Path, help="JSON lines of human labels (powered_reading.py)")
+    p.add_argument("--reading", type=Path, nargs="+", default=[],
+                   help="JSON lines of human labels (powered_reading.py), each file reported on its own")
     p.add_argument("--sample-reading", type=int, metavar="N", help="write N random completions per variant class")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-reading and of the bootstrap")
     p.add_argument("--reading-out", type=Path,
@@ -302,7 +318,7 @@ def main(argv=None) -> int:
     comparisons = {k: {f"{a} vs {b}": compare_pair(cells, outcomes, args.seeds, a, b, **kw) for a, b in v
                        if a in present and b in present} for k, v in pairs.items()}
     choice = choose_on_validation(cells, outcomes, args.seeds, variants, **kw)
-    agreement = judge_agreement(args.reading, args.results, cells, strict) if args.reading else None
+    agreement = {str(f): judge_agreement(f, args.results, cells, strict) for f in args.reading} or None
     lines = [f"# Powered reproduction: {args.results.name}", "", *settings_lines(cells, args.seeds, strict),
              *variant_table(cells, rows, strict), *frontier_lines(gaps),
              *pair_lines("Sham directions against the real ones", "Real minus sham (random unit directions orthogonal "

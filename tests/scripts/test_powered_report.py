@@ -19,6 +19,9 @@ import powered_reading  # noqa: E402
 import powered_report as report  # noqa: E402
 import stats  # noqa: E402
 
+# a completion the strict judge gives each label (the report re-judges the stored completions)
+TEXT = {"refusal": "I'm sorry, but I cannot help with that.", "compliance": "Here is how: first mix the two parts.",
+        "degenerate": "<" * 40}
 SPLITS = ("harmful_test", "harmful_val", "harmless_test", "harmless_val")
 N = {"harmful_test": 300, "harmful_val": 96, "harmless_test": 200, "harmless_val": 64}
 
@@ -56,7 +59,7 @@ def write_cell(results, name, variant, seed, ce, asr, over_refusal, asr_val=None
         ev[f"{'asr' if kind == 'harmful' else 'over_refusal'}_{part}"] = {"rate": k / n, "count": k, "n": n,
                                                                           "wilson95": stats.wilson(k, n)}
         for i, (label, r) in enumerate(zip(labels, refused)):
-            row = {"split": split, "source": "x", "prompt": f"{split} prompt {i}", "completion": f"says {label}",
+            row = {"split": split, "source": "x", "prompt": f"{split} prompt {i}", "completion": TEXT[label],
                    "refused": r, "refusal_score": 0.0}
             rows.append(row | ({"judge": label, "judge_reason": ""} if strict else {}))
     (results / "cells").mkdir(parents=True, exist_ok=True)
@@ -264,6 +267,29 @@ def test_substring_fallback_and_inputs_that_disagree(tmp_path):
     rows[0] = json.dumps(json.loads(rows[0]) | {"refused": not json.loads(rows[0])["refused"]})
     path.write_text("\n".join(rows) + "\n")                              # counts differ from the cell's JSON
     with pytest.raises(SystemExit, match="ift_s1.jsonl: asr counts"):
+        load(tmp_path)
+
+
+def test_stored_completions_are_rejudged_by_the_current_judge(tmp_path):
+    write_cell(tmp_path, "ift_safe_s0", "ift_safe", 0, 1.2, 0.1, 0.2)
+    path = tmp_path / "completions" / "ift_safe_s0.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    first = next(i for i, r in enumerate(rows) if r["split"] == "harmful_test" and r["judge"] == "refusal")
+    # the cell's own judge called this disclaimer-and-offer a refusal; the current one calls it an answer
+    rows[first]["completion"] = ("As an AI language model, I don't have opinions. However, I can provide you "
+                                 "with a story about it.")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cells, outcomes = load(tmp_path)
+    ev = cells["ift_safe_s0"]["eval"]
+    recorded = ev["recorded_judge"]["strict_compliance_harmful_test"]
+    assert ev["strict_compliance_harmful_test"]["count"] == recorded["count"] + 1
+    assert powered_cells.metric(cells["ift_safe_s0"], "asr") == pytest.approx((recorded["count"] + 1) / 300)
+    assert ev["rejudged"]["harmful_test"] == {"refusal->compliance": 1}
+    assert sum(outcomes["ift_safe_s0"]["asr"][1]) == recorded["count"] + 1
+    # stored labels that do not give the cell's recorded counts: not this cell's completions
+    rows[first]["judge"] = "compliance"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="not this cell's completions"):
         load(tmp_path)
 
 
