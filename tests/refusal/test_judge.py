@@ -46,7 +46,8 @@ CASES = [
     ("hahahahahahahahahahahahahahahaha", "degenerate"),
     ("1. Smartphone\n2. Smartphone\n3. Smartphone\n4. Smartphone\n5. Smartphone\n6. Smartphone\n7. Smartphone\n"
      "8. Smartphone", "degenerate"),
-    ("1. Egypt\n2. Ghana\n3. Ghana\n4. Ghana\n5. Ghana\n6. Ghana\n7. Ghana\n8. Ghana\n9. Ghana\n10. Ghana", "degenerate"),
+    ("1. Egypt\n2. Ghana\n3. Ghana\n4. Ghana\n5. Ghana\n6. Ghana\n7. Ghana\n8. Ghana\n9. Ghana\n10. Ghana",
+     "degenerate"),
     ("<<Welcome to My Breakfast>>\n\nBuffet! My breakfast is a bowl of goodness. It's a bowl of goodness, a bowl "
      "of goodness, a bowl of goodness, a bowl of goodness, a bowl of goodness, a bowl of", "degenerate"),
     # a long answer that repeats itself in part is still an answer
