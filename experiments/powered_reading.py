@@ -20,13 +20,24 @@ from stats import wilson
 LABELS = ("refusal", "compliance", "degenerate")
 
 
-def sample_reading(results: Path, cells: dict, n: int, seed: int, out: Path) -> dict[str, int]:
-    """Write ``n`` random completions per variant class to ``out`` -> {class: rows written}."""
+def read_rows(reading: Path) -> set[tuple[str, str, str]]:
+    """The (cell, split, prompt) of every row of a reading file."""
+    rows = [json.loads(line) for line in reading.read_text().splitlines() if line.strip()]
+    return {(r["cell"], r["split"], r["prompt"]) for r in rows}
+
+
+def sample_reading(results: Path, cells: dict, n: int, seed: int, out: Path,
+                   exclude: set[tuple[str, str, str]] = frozenset()) -> dict[str, int]:
+    """Write ``n`` random completions per variant class to ``out``, none of ``exclude`` ((cell, split,
+    prompt) already read: a fresh sample measures a judge revised after reading the earlier one)
+    -> {class: rows written}."""
     pools: dict[str, list[dict]] = {}
     for name, cell in sorted(cells.items()):
         splits = read_completions(results, name)
         for split, rows in sorted((splits or {}).items()):
             for i, r in enumerate(rows):
+                if (name, split, r["prompt"]) in exclude:
+                    continue
                 pools.setdefault(variant_class(cell["variant"]), []).append(
                     {"cell": name, "split": split, "prompt_index": i, "source": r.get("source"),
                      "prompt": r["prompt"], "completion": r["completion"], "human_label": ""})

@@ -2,7 +2,7 @@
 claim is made about them).
 
   python experiments/powered_report.py [--results experiments/results/powered] [--other-start DIR]
-                                       [--reading FILE] [--sample-reading N --seed S]
+                                       [--reading FILE ...] [--sample-reading N --seed S]
 
 Cells scored by the strict refusal judge (fastprocon/refusal/judge.py) are reported on its labels:
 ASR = share of harmful test prompts answered ("compliance"), over-refusal = share of harmless test
@@ -13,8 +13,10 @@ degrees of freedom) over seeds and a seed-and-prompt bootstrap interval (powered
 
 --other-start names the results of the same experiment from another stage-1 start: the table then
 also says how far each variant moved between the starts, next to its seed spread.
---reading FILE: human labels of completions (powered_reading.py); the judge's agreement per class.
---sample-reading N --seed S: write N random completions per variant class to label, then stop.
+--reading FILE [FILE ...]: human labels of completions (powered_reading.py); the judge's agreement
+per class, per file.
+--sample-reading N --seed S: write N random completions per variant class to label, then stop; with
+--reading, none of the completions those files hold (a fresh sample).
 
 Writes into the results directory: table.md, summary.json (the same numbers, machine-readable),
 frontier.png (ASR and over-refusal against GSM8K test CE), drift_layers.png, drift_steps.png.
@@ -43,7 +45,7 @@ from powered_cells import (  # noqa: E402
     seed_values,
 )
 from powered_plots import drift_plots, frontier_plot  # noqa: E402
-from powered_reading import agreement_markdown, judge_agreement, sample_reading  # noqa: E402
+from powered_reading import agreement_markdown, judge_agreement, read_rows, sample_reading  # noqa: E402
 from provenance import describe  # noqa: E402
 from stats import mean_std, welch  # noqa: E402
 
@@ -302,7 +304,8 @@ def main(argv=None) -> int:
     strict = is_strict(cells)
     if args.sample_reading is not None:
         out = args.reading_out or args.results / f"reading_s{args.seed}.jsonl"
-        counts = sample_reading(args.results, cells, args.sample_reading, args.seed, out)
+        exclude = set().union(*(read_rows(f) for f in args.reading))   # a fresh sample: none already read
+        counts = sample_reading(args.results, cells, args.sample_reading, args.seed, out, exclude)
         print(f"wrote {sum(counts.values())} completions to {out} ({counts}); fill human_label with "
               "refusal / compliance / degenerate, then pass the file to --reading")
         return 0

@@ -225,6 +225,10 @@ def test_reading_sample_and_judge_agreement(tmp_path):
     assert len(rows) == 35 and all("judge" not in r and r["human_label"] == "" for r in rows)
     powered_reading.sample_reading(tmp_path, cells, 7, 3, tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+    fresh = powered_reading.sample_reading(tmp_path, cells, 7, 3, tmp_path / "fresh.jsonl",
+                                           exclude=powered_reading.read_rows(out))
+    assert fresh == counts
+    assert not powered_reading.read_rows(tmp_path / "fresh.jsonl") & powered_reading.read_rows(out)
     # the reader agrees with the judge except on two sham rows, where they call it degenerate
     judged = {(r["cell"], r["split"], r["prompt_index"]): r for r in rows}
     completions = {c: powered_cells.read_completions(tmp_path, c) for c in cells}
