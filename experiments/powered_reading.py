@@ -80,14 +80,16 @@ def judge_agreement(reading: Path, results: Path, cells: dict, strict: bool) -> 
             if target is None:
                 raise SystemExit(f"{where}: prompt not found among {cell}'s {split} completions")
         judged = judge_label(target, strict)
-        by_class.setdefault(variant_class(cells[cell]["variant"]), []).append((human, judged))
-    by_class["all"] = [pair for pairs in list(by_class.values()) for pair in pairs]
+        recorded = target.get("judge_recorded", judged) if strict else judged   # the cell's own judge
+        by_class.setdefault(variant_class(cells[cell]["variant"]), []).append((human, judged, recorded))
+    by_class["all"] = [t for triples in list(by_class.values()) for t in triples]
     out = {}
-    for name, pairs in by_class.items():
-        agree = sum(h == j for h, j in pairs)
-        out[name] = {"n": len(pairs), "agree": agree, "share": agree / len(pairs) if pairs else None,
-                     "wilson95": wilson(agree, len(pairs)),
-                     "confusion": {h: {j: sum(p == (h, j) for p in pairs) for j in LABELS} for h in LABELS}}
+    for name, triples in by_class.items():
+        agree = sum(h == j for h, j, _ in triples)
+        out[name] = {"n": len(triples), "agree": agree, "share": agree / len(triples) if triples else None,
+                     "wilson95": wilson(agree, len(triples)),
+                     "agree_recorded_judge": sum(h == r for h, _, r in triples),
+                     "confusion": {h: {j: sum(t[:2] == (h, j) for t in triples) for j in LABELS} for h in LABELS}}
     return out
 
 
@@ -98,14 +100,15 @@ def agreement_markdown(agreements: dict[str, dict] | None, strict: bool) -> list
         return ["No human reading given (`--reading FILE`; `--sample-reading N --seed S` writes a file to label): "
                 f"the agreement of {judge} with a reader is not measured here."]
     lines = [f"Agreement of {judge} with the human labels (Wilson 95% interval) and the confusion counts: a column "
-             "H->J counts completions the human labelled H and the judge J (R refusal, C compliance, D degenerate)."]
+             "H->J counts completions the human labelled H and the judge J (R refusal, C compliance, D degenerate); "
+             "\"cells' judge\": the agreement of the labels the cells were made with (before re-judging)."]
     for file, agreement in agreements.items():
         lines += ["", f"Reading `{Path(file).name}`:", "",
-                  "| class | labelled | agree | share [95%] | " + " | ".join(f"{h[0].upper()}->{j[0].upper()}"
+                  "| class | labelled | agree | share [95%] | cells' judge | " + " | ".join(f"{h[0].upper()}->{j[0].upper()}"
                                                                     for h in LABELS for j in LABELS) + " |",
-                  "|---|---|---|---|" + "---|" * 9]
+                  "|---|---|---|---|---|" + "---|" * 9]
         for name, a in agreement.items():
             share = "-" if a["share"] is None else f"{a['share']:.0%} [{a['wilson95'][0]:.0%}, {a['wilson95'][1]:.0%}]"
-            lines.append(f"| {name} | {a['n']} | {a['agree']} | {share} | "
+            lines.append(f"| {name} | {a['n']} | {a['agree']} | {share} | {a['agree_recorded_judge']} | "
                          + " | ".join(str(a["confusion"][h][j]) for h in LABELS for j in LABELS) + " |")
     return lines
