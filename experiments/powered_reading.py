@@ -104,8 +104,8 @@ def agreement_markdown(agreements: dict[str, dict] | None, strict: bool) -> list
              "\"cells' judge\": the agreement of the labels the cells were made with (before re-judging)."]
     for file, agreement in agreements.items():
         lines += ["", f"Reading `{Path(file).name}`:", "",
-                  "| class | labelled | agree | share [95%] | cells' judge | " + " | ".join(f"{h[0].upper()}->{j[0].upper()}"
-                                                                    for h in LABELS for j in LABELS) + " |",
+                  "| class | labelled | agree | share [95%] | cells' judge | "
+                  + " | ".join(f"{h[0].upper()}->{j[0].upper()}" for h in LABELS for j in LABELS) + " |",
                   "|---|---|---|---|---|" + "---|" * 9]
         for name, a in agreement.items():
             share = "-" if a["share"] is None else f"{a['share']:.0%} [{a['wilson95'][0]:.0%}, {a['wilson95'][1]:.0%}]"
