@@ -5,7 +5,7 @@ difference is called only when both agree (|t| above the critical value and the 
 """
 from __future__ import annotations
 
-from powered_cells import FAMILIES, family, metric, samples, seed_values
+from powered_cells import ALIGNED, FAMILIES, family, metric, samples, seed_values
 from stats import mean_std, seed_prompt_bootstrap, welch
 
 DRAWS = 2000
@@ -63,24 +63,39 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (CE, share) points that no other point beats on both (a lower CE and a lower share are both
+    better), sorted by CE: a baseline that another one beats on both is no part of the frontier."""
+    return sorted(p for p in points if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points))
+
+
 def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m: str,
                  draws: int = DRAWS, seed: int = 0) -> dict:
-    """``variant``'s mean ``m`` minus its family's baseline line at the variant's mean CE, with the
-    bootstrap interval (seeds and prompts of the variant and of every baseline cell resampled)."""
-    line = [b for b in FAMILIES[family(variant)] if seed_values(cells, b, seeds, "ce")]
+    """``variant``'s mean ``m`` minus the baselines' frontier at the variant's mean CE, with the
+    bootstrap interval (seeds and prompts of the variant and of every baseline cell resampled).
+
+    The baselines are its family's learning rates (IFT or IFT_safe) and the aligned model (no
+    training: the low end of any training budget); the frontier is the piecewise-linear line through
+    the Pareto front of their means, recomputed in every bootstrap draw. A baseline beaten on both CE
+    and the share by another (more training that only overfits) is left out, so the frontier is the
+    best any amount of plain training reached."""
+    members = [*FAMILIES[family(variant)], ALIGNED]
+    line = [b for b in members if seed_values(cells, b, seeds, "ce")]
     ce = seed_values(cells, variant, seeds, "ce")
     points = [(mean_std(seed_values(cells, b, seeds, "ce"))[0], mean_std(seed_values(cells, b, seeds, m))[0])
               for b in line]
+    front = pareto_front(points)
     out = {"variant": variant, "metric": m, "line": line, "family": family(variant), "seeds": len(ce),
            "line_seeds": [len(seed_values(cells, b, seeds, "ce")) for b in line],
-           "ce_range": [min(p[0] for p in points), max(p[0] for p in points)] if points else None}
+           "front": [b for b, p in zip(line, points) if p in front],
+           "ce_range": [front[0][0], front[-1][0]] if front else None}
     if not ce:
         return out | {"status": "no cells"}
     out["ce"], out["value"] = mean_std(ce)[0], mean_std(seed_values(cells, variant, seeds, m))[0]
-    if len(line) < 2:
-        return out | {"status": f"no frontier: {len(line)} of the {len(FAMILIES[family(variant)])} "
-                                f"{family(variant)} baselines {'has' if len(line) == 1 else 'have'} cells"}
-    at = interpolate(points, out["ce"])
+    if len(line) < len(members):
+        return out | {"status": f"no frontier: {len(line)} of its {len(members)} baselines "
+                                f"({', '.join(members)}) have cells"}
+    at = interpolate(front, out["ce"])
     if at is None:
         return out | {"status": "outside the frontier's range"}
     out |= {"frontier": at, "gap": out["value"] - at}
@@ -89,7 +104,7 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
         return out | {"status": "no per-prompt data for the interval"}
 
     def gap(means):
-        f = interpolate([(means[b]["ce"], means[b][m]) for b in line], means[variant]["ce"])
+        f = interpolate(pareto_front([(means[b]["ce"], means[b][m]) for b in line]), means[variant]["ce"])
         return None if f is None else means[variant][m] - f
 
     boot = seed_prompt_bootstrap(groups, gap, draws=draws, seed=seed)

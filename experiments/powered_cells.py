@@ -24,6 +24,7 @@ V2_VARIANTS = ("ift", "ift_safe", "procon_s", "procon_wu", "procon_wu_safe", "pr
 V3_VARIANTS = ("ift_lr2e-4", "ift_lr5e-4", "ift", "ift_safe_lr2e-4", "ift_safe_lr5e-4", "ift_safe",
                "procon_s", "procon_wu", "procon_wu_sham", "procon_wu_band",
                "procon_wu_safe", "procon_wu_safe_sham", "procon_wu_safe_band")
+ALIGNED = "aligned"   # the stage-1 model's cell: the start of every stage-3 variant
 # baseline lines of the frontier, in learning-rate order (ift and ift_safe run at the driver's lr 1e-3)
 FAMILIES = {"ift": ("ift_lr2e-4", "ift_lr5e-4", "ift"), "ift_safe": ("ift_safe_lr2e-4", "ift_safe_lr5e-4", "ift_safe")}
 STRICT = {"asr": "strict_compliance_harmful_test", "over_refusal": "strict_refusal_harmless_test",
@@ -109,6 +110,9 @@ def interval(cell: dict, name: str) -> tuple[float, float] | None:
 
 
 def cell_names(cells: dict, variant: str, seeds: list[int]) -> list[str]:
+    """``variant``'s cells among ``seeds``; the aligned model is one cell (ALIGNED) whatever the seeds."""
+    if variant == ALIGNED:
+        return [ALIGNED] if ALIGNED in cells else []
     return [f"{variant}_s{s}" for s in seeds if f"{variant}_s{s}" in cells]
 
 

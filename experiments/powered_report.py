@@ -164,19 +164,24 @@ def variant_table(cells: dict, rows: list[dict], strict: bool) -> list[str]:
 
 def frontier_lines(gaps: list[dict]) -> list[str]:
     lines = ["## Against the baselines' frontier", "",
-             "Each variant's mean minus its baseline line (IFT for variants without safety data, IFT_safe for "
-             "`_safe` variants; learning rates 2e-4, 5e-4, 1e-3) interpolated linearly at the variant's mean "
-             "GSM8K test CE; bootstrap 95% interval over seeds and prompts of the variant and the baselines. "
-             "Off the frontier only where the interval excludes 0; below = a lower share than the baselines at the "
-             "same CE (better), above = higher. No value is extrapolated beyond the line's CE range.", "",
-             "| variant | metric | seeds (variant; line) | mean CE | frontier CE range | variant | frontier "
-             "| gap [95%] | status |", "|---|---|---|---|---|---|---|---|---|"]
+             "Each variant's mean minus the frontier of its baselines at the variant's mean GSM8K test CE. The "
+             "baselines: IFT for variants without safety data, IFT_safe for `_safe` variants, at learning rates "
+             "2e-4, 5e-4 and 1e-3, and the aligned model (no training); the frontier: the piecewise-linear line "
+             "through their Pareto front (a baseline beaten on both CE and the share by another is left out: "
+             "the best any amount of plain training reached). Bootstrap 95% interval over seeds and prompts of "
+             "the variant and the baselines, the front recomputed in each draw. Off the frontier only where the "
+             "interval excludes 0; below = a lower share than the baselines at the same CE (better), above = "
+             "higher. No value is extrapolated beyond the front's CE range.", "",
+             "| variant | metric | seeds (variant; baselines) | front | mean CE | front CE range | variant | "
+             "frontier | gap [95%] | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     if not gaps:
-        lines.append("| (no ProCon, sham or band variant has cells) | | | | | | | | |")
+        lines.append("| (no ProCon, sham or band variant has cells) | | | | | | | | | |")
     for g in gaps:
         rng = "-" if g.get("ce_range") is None else f"{g['ce_range'][0]:.4f}-{g['ce_range'][1]:.4f}"
         seeds = f"{g['seeds']}; " + ("/".join(map(str, g["line_seeds"])) or "-")
-        lines.append(f"| {g['variant']} | {g['metric']} | {seeds} | {g.get('ce', float('nan')):.4f} | {rng} | "
+        front = ", ".join(g.get("front", [])) or "-"
+        lines.append(f"| {g['variant']} | {g['metric']} | {seeds} | {front} | {g.get('ce', float('nan')):.4f} | "
+                     f"{rng} | "
                      + (f"{g['value']:.1%}" if "value" in g else "-") + " | "
                      + (f"{g['frontier']:.1%} | {g['gap']:+.1%} {_boot(g.get('bootstrap'), '+.1%')}"
                         if "gap" in g else "- | -") + f" | {g['status']} |")

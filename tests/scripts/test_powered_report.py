@@ -149,11 +149,33 @@ def test_bootstrap_resamples_the_same_prompts_for_every_variant():
 LINE = {"ift_lr2e-4": (1.6, 0.05), "ift_lr5e-4": (1.4, 0.10), "ift": (1.2, 0.20)}
 
 
-def _frontier_results(tmp_path, extra):
+def _frontier_results(tmp_path, extra, aligned=(1.8, 0.06)):
     for v, (ce, asr) in {**LINE, **extra}.items():
         for s in range(3):
             write_cell(tmp_path, f"{v}_s{s}", v, s, ce + 0.01 * (s - 1), asr + 0.01 * (s - 1), 0.1)
+    if aligned:   # the no-training end of every baseline line
+        write_cell(tmp_path, "aligned", None, None, *aligned, 0.1)
     return load(tmp_path)
+
+
+def test_pareto_front_leaves_out_a_baseline_beaten_on_both():
+    # more training that only overfits (1.222, 13.4%) is beaten by less (1.187, 8.6%): not the frontier
+    points = [(1.040, 0.112), (1.187, 0.086), (1.222, 0.134), (1.627, 0.078)]
+    assert analysis.pareto_front(points) == [(1.040, 0.112), (1.187, 0.086), (1.627, 0.078)]
+    assert analysis.pareto_front([(1.2, 0.1), (1.2, 0.1)]) == [(1.2, 0.1), (1.2, 0.1)]   # ties both stay
+
+
+def test_frontier_leaves_out_the_overfit_baseline_and_keeps_the_aligned_end(tmp_path):
+    # ift at lr 1e-3 overfits: higher CE and higher ASR than lr 5e-4; the aligned model extends the range
+    cells, outcomes = _frontier_results(tmp_path, {"ift": (1.5, 0.20), "procon_wu": (1.7, 0.03)},
+                                        aligned=(1.9, 0.04))
+    gap = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_wu", "asr", draws=300)
+    assert gap["front"] == ["ift_lr2e-4", "ift_lr5e-4", "aligned"] and gap["ce_range"] == pytest.approx([1.4, 1.9])
+    assert gap["frontier"] == pytest.approx(0.05 - 0.1 * 0.01 / 0.3, abs=1e-9)   # between (1.6, 5%) and (1.9, 4%)
+    no_aligned = tmp_path / "no_aligned"
+    cells, outcomes = _frontier_results(no_aligned, {"procon_wu": (1.7, 0.03)}, aligned=None)
+    missing = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_wu", "asr", draws=300)
+    assert missing["status"].startswith("no frontier: 3 of its 4 baselines")
 
 
 def test_frontier_finds_a_variant_off_it_and_not_one_on_it(tmp_path):
@@ -312,7 +334,7 @@ def test_report_end_to_end_lists_missing_cells_and_claims_nothing_about_them(tmp
     sham = table.split("## Sham directions")[1].split("##")[0]
     assert "no pair has cells on both sides" in sham
     frontier = table.split("## Against the baselines' frontier")[1].split("##")[0]
-    assert "| procon_wu | asr | 2; 3/3/3 |" in frontier and "off the frontier (below)" in frontier
+    assert "| procon_wu | asr | 2; 3/3/3/1 |" in frontier and "off the frontier (below)" in frontier
     choice = table.split("## Default chosen")[1].split("##")[0]
     assert "procon_wu (2 seeds)" in choice and "without cells: procon_s, procon_wu_band" in choice
     assert "No human reading given" in table and (tmp_path / "frontier.png").stat().st_size > 0
