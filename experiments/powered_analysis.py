@@ -69,6 +69,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(p for p in points if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points))
 
 
+def frontier_at(front: list[tuple[float, float]], ce: float) -> float | None:
+    """The frontier's share at ``ce``: the piecewise-linear line through the Pareto ``front`` inside its
+    CE range, the front's last (lowest) share beyond it (a baseline with a lower CE and that share
+    exists there), None below it (no baseline reached so low a CE: nothing to compare with)."""
+    if not front or ce < front[0][0]:
+        return None
+    return front[-1][1] if ce >= front[-1][0] else interpolate(front, ce)
+
+
 def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m: str,
                  draws: int = DRAWS, seed: int = 0) -> dict:
     """``variant``'s mean ``m`` minus the baselines' frontier at the variant's mean CE, with the
@@ -78,7 +87,8 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
     training: the low end of any training budget); the frontier is the piecewise-linear line through
     the Pareto front of their means, recomputed in every bootstrap draw. A baseline beaten on both CE
     and the share by another (more training that only overfits) is left out, so the frontier is the
-    best any amount of plain training reached."""
+    best any amount of plain training reached; beyond the front's highest CE it stays at the front's
+    lowest share (:func:`frontier_at`)."""
     members = [*FAMILIES[family(variant)], ALIGNED]
     line = [b for b in members if seed_values(cells, b, seeds, "ce")]
     ce = seed_values(cells, variant, seeds, "ce")
@@ -95,7 +105,7 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
     if len(line) < len(members):
         return out | {"status": f"no frontier: {len(line)} of its {len(members)} baselines "
                                 f"({', '.join(members)}) have cells"}
-    at = interpolate(front, out["ce"])
+    at = frontier_at(front, out["ce"])
     if at is None:
         return out | {"status": "outside the frontier's range"}
     out |= {"frontier": at, "gap": out["value"] - at}
@@ -104,7 +114,7 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
         return out | {"status": "no per-prompt data for the interval"}
 
     def gap(means):
-        f = interpolate(pareto_front([(means[b]["ce"], means[b][m]) for b in line]), means[variant]["ce"])
+        f = frontier_at(pareto_front([(means[b]["ce"], means[b][m]) for b in line]), means[variant]["ce"])
         return None if f is None else means[variant][m] - f
 
     boot = seed_prompt_bootstrap(groups, gap, draws=draws, seed=seed)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from powered_cells import FAMILIES, cell_names, metric, seed_values
+from powered_analysis import pareto_front
+from powered_cells import ALIGNED, FAMILIES, cell_names, metric, seed_values
 from stats import mean_std
 
 
@@ -18,8 +19,9 @@ def _canvas(figsize):
 
 def frontier_plot(path: Path, cells: dict, seeds: list[int], variants: list[str], judge: str) -> None:
     """Two panels, ASR and over-refusal against GSM8K test CE: every cell as a small dot; the baselines
-    (IFT, IFT_safe at each learning rate) as a line through their variant means; every other variant as
-    its mean +- std over seeds."""
+    (IFT, IFT_safe at each learning rate) as a thin line through their variant means and their frontier
+    (the Pareto front with the aligned model, as the report measures against) as a dashed line; every
+    other variant as its mean +- std over seeds."""
     fig, canvas = _canvas((12, 5))
     axes = fig.subplots(1, 2)
     baselines = {b for line in FAMILIES.values() for b in line}
@@ -29,7 +31,11 @@ def frontier_plot(path: Path, cells: dict, seeds: list[int], variants: list[str]
                          for b in line if seed_values(cells, b, seeds, "ce"))
             if pts:
                 drawn_from = ", ".join(b for b in line if seed_values(cells, b, seeds, "ce"))
-                (drawn,) = ax.plot(*zip(*pts), "-s", label=f"{name} line: {drawn_from}")
+                (drawn,) = ax.plot(*zip(*pts), "-s", lw=0.8, label=f"{name} line: {drawn_from}")
+                if ALIGNED in cells:
+                    front = pareto_front(pts + [(metric(cells[ALIGNED], "ce"), metric(cells[ALIGNED], m))])
+                    ax.plot(*zip(*front), "--", lw=2, color=drawn.get_color(), alpha=0.6,
+                            label=f"{name} frontier (Pareto front with aligned)")
                 dots = [(metric(cells[c], "ce"), metric(cells[c], m))
                         for b in line for c in cell_names(cells, b, seeds)]
                 ax.plot(*zip(*dots), ".", color=drawn.get_color(), alpha=0.4)

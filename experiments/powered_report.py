@@ -171,7 +171,8 @@ def frontier_lines(gaps: list[dict]) -> list[str]:
              "the best any amount of plain training reached). Bootstrap 95% interval over seeds and prompts of "
              "the variant and the baselines, the front recomputed in each draw. Off the frontier only where the "
              "interval excludes 0; below = a lower share than the baselines at the same CE (better), above = "
-             "higher. No value is extrapolated beyond the front's CE range.", "",
+             "higher. Above the front's highest CE the frontier stays at its lowest share (a baseline with a lower "
+             "CE and that share exists); below its lowest CE nothing is extrapolated.", "",
              "| variant | metric | seeds (variant; baselines) | front | mean CE | front CE range | variant | "
              "frontier | gap [95%] | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     if not gaps:

@@ -163,6 +163,10 @@ def test_pareto_front_leaves_out_a_baseline_beaten_on_both():
     points = [(1.040, 0.112), (1.187, 0.086), (1.222, 0.134), (1.627, 0.078)]
     assert analysis.pareto_front(points) == [(1.040, 0.112), (1.187, 0.086), (1.627, 0.078)]
     assert analysis.pareto_front([(1.2, 0.1), (1.2, 0.1)]) == [(1.2, 0.1), (1.2, 0.1)]   # ties both stay
+    front = analysis.pareto_front(points)
+    assert analysis.frontier_at(front, 1.1135) == pytest.approx(0.099)   # halfway along the first segment
+    assert analysis.frontier_at(front, 1.8) == 0.078     # beyond the highest CE: the lowest share reached
+    assert analysis.frontier_at(front, 1.0) is None      # below the lowest CE: nothing to compare with
 
 
 def test_frontier_leaves_out_the_overfit_baseline_and_keeps_the_aligned_end(tmp_path):
