@@ -5,12 +5,13 @@ difference is called only when both agree (|t| above the critical value and the 
 """
 from __future__ import annotations
 
-from powered_cells import ALIGNED, FAMILIES, family, metric, samples, seed_values
+from powered_cells import ALIGNED, FAMILIES, cell_names, family, metric, samples, seed_values
 from stats import mean_std, seed_prompt_bootstrap, welch
 
 DRAWS = 2000
 TASK_LOSS_SLACK = 0.05   # the default is chosen among variants with GSM8K test CE within 5% of IFT's
 DEFAULT_VARIANT = "procon_wu_safe"   # what `fastprocon train` runs by default (fastprocon/configs/default.toml)
+BAND_VARIANT = "procon_wu_safe_band"   # the same recipe with the band norm (choose_norm)
 UNDEFINED_SHARE = 0.05   # frontier gaps: a decision needs the variant's CE inside the line in >= 95% of draws
 
 
@@ -136,6 +137,45 @@ def validation_error(cell: dict) -> float:
     return metric(cell, "asr_val") + metric(cell, "over_refusal_val")
 
 
+def validation_difference(cells: dict, outcomes: dict, seeds: list[int], a: str, b: str, draws: int = DRAWS,
+                          seed: int = 0) -> tuple[float, dict | None, dict | None, bool]:
+    """Validation error (ASR + over-refusal) of ``a`` minus ``b`` -> (mean difference, Welch, bootstrap,
+    whether ``a`` is lower beyond the noise: Welch's t <= -critical t and the bootstrap interval below 0)."""
+    ea = [validation_error(cells[c]) for c in cell_names(cells, a, seeds)]
+    eb = [validation_error(cells[c]) for c in cell_names(cells, b, seeds)]
+    w = welch(ea, eb) if len(ea) > 1 and len(eb) > 1 else None
+    metrics = ["asr_val", "over_refusal_val"]
+    sa, sb = samples(cells, outcomes, a, seeds, metrics), samples(cells, outcomes, b, seeds, metrics)
+    boot = None if sa is None or sb is None else seed_prompt_bootstrap(
+        {a: sa, b: sb}, lambda means: sum(means[a][k] for k in metrics) - sum(means[b][k] for k in metrics),
+        draws=draws, seed=seed)
+    lower = (w is not None and w["t"] <= -w["t_crit"] and boot is not None and boot["high"] is not None
+             and boot["high"] < 0)
+    return mean_std(ea)[0] - mean_std(eb)[0], w, boot, lower
+
+
+def choose_norm(cells: dict, outcomes: dict, seeds: list[int], draws: int = DRAWS, seed: int = 0) -> dict:
+    """The default's norm: band (``BAND_VARIANT``) against l1 (``DEFAULT_VARIANT``), the same recipe
+    otherwise. Band is taken unless l1's validation error is lower beyond the noise or band's mean test
+    CE is over the slack above l1's: at the anchor band's gradient is zero by construction, while l1's
+    is alpha * sign(rounding noise) * r, which clips the CE gradient away and makes runs differ with
+    the world size. The rule was fixed before the band cells were run."""
+    ce = {v: mean_std(seed_values(cells, v, seeds, "ce"))[0] for v in (BAND_VARIANT, DEFAULT_VARIANT)}
+    out = {"band": BAND_VARIANT, "l1": DEFAULT_VARIANT, "ce": ce,
+           "seeds": {v: len(cell_names(cells, v, seeds)) for v in (BAND_VARIANT, DEFAULT_VARIANT)}}
+    if None in ce.values():
+        return out | {"norm": None, "verdict": "a side has no cells: no choice yet"}
+    diff, w, boot, l1_lower = validation_difference(cells, outcomes, seeds, DEFAULT_VARIANT, BAND_VARIANT, draws, seed)
+    out |= {"l1_minus_band": diff, "welch": _rounded(w), "bootstrap": boot}
+    if l1_lower:
+        return out | {"norm": "l1", "verdict": "l1's validation error is lower beyond the noise: keep l1"}
+    if ce[BAND_VARIANT] > ce[DEFAULT_VARIANT] * (1 + TASK_LOSS_SLACK):
+        return out | {"norm": "l1", "verdict": f"band's test CE is over {TASK_LOSS_SLACK:.0%} above l1's: keep l1"}
+    tested = "" if w is not None and boot is not None else " (one seed a side: no test of the noise yet)"
+    return out | {"norm": "band", "verdict": f"l1's validation error is {-diff:+.1%} against band's, not lower "
+                                             f"beyond the noise{tested}: band"}
+
+
 def choose_on_validation(cells: dict, outcomes: dict, seeds: list[int], variants: list[str],
                          draws: int = DRAWS, seed: int = 0) -> dict | None:
     """The ProCon variant (sham controls excluded) with the lowest mean validation error among those
@@ -161,17 +201,8 @@ def choose_on_validation(cells: dict, outcomes: dict, seeds: list[int], variants
         return out | {"verdict": f"the default ({DEFAULT_VARIANT}) has the lowest validation error: keep it"}
     if not errors.get(DEFAULT_VARIANT):
         return out | {"verdict": f"the default ({DEFAULT_VARIANT}) has no cells: no comparison, no change"}
-    w = welch(errors[best], errors[DEFAULT_VARIANT])
-    metrics = ["asr_val", "over_refusal_val"]
-    sa, sb = samples(cells, outcomes, best, seeds, metrics), samples(cells, outcomes, DEFAULT_VARIANT, seeds, metrics)
-    boot = None if sa is None or sb is None else seed_prompt_bootstrap(
-        {best: sa, DEFAULT_VARIANT: sb},
-        lambda means: sum(means[best][k] for k in metrics) - sum(means[DEFAULT_VARIANT][k] for k in metrics),
-        draws=draws, seed=seed)
+    diff, w, boot, lower = validation_difference(cells, outcomes, seeds, best, DEFAULT_VARIANT, draws, seed)
     out |= {"welch": _rounded(w), "bootstrap": boot}
-    lower = (w is not None and w["t"] <= -w["t_crit"] and boot is not None and boot["high"] is not None
-             and boot["high"] < 0)
-    diff = mean_std(errors[best])[0] - mean_std(errors[DEFAULT_VARIANT])[0]
     if lower:
         out["verdict"] = (f"{best}'s validation error is lower than the default {DEFAULT_VARIANT}'s by {-diff:.1%} "
                           "beyond the seed and prompt noise (Welch and bootstrap agree): make it the default")

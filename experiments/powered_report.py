@@ -31,7 +31,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from powered_analysis import DEFAULT_VARIANT, DRAWS, TASK_LOSS_SLACK, choose_on_validation, compare_pair, frontier_gap  # noqa: E402
+from powered_analysis import (  # noqa: E402
+    DEFAULT_VARIANT,
+    DRAWS,
+    TASK_LOSS_SLACK,
+    choose_norm,
+    choose_on_validation,
+    compare_pair,
+    frontier_gap,
+)
 from powered_cells import (  # noqa: E402
     FAMILIES,
     V2_VARIANTS,
@@ -230,6 +238,19 @@ def choice_lines(choice: dict | None) -> list[str]:
                     f"Verdict: {choice['verdict']}.", ""]
 
 
+def norm_lines(norm: dict) -> list[str]:
+    seeds = ", ".join(f"{v} {n}" for v, n in norm["seeds"].items())
+    lines = [f"The norm of the default recipe, band ({norm['band']}) against l1 ({norm['l1']}); seeds: {seeds}. "
+             "Rule (fixed before the band cells ran): band, unless l1's validation ASR + over-refusal is lower "
+             f"by Welch's test and the bootstrap, or band's mean test CE is over {TASK_LOSS_SLACK:.0%} above l1's "
+             "(at the anchor band's gradient is zero by construction; l1's is rounding noise times alpha)."]
+    if "l1_minus_band" in norm:
+        lines.append(f"l1 minus band on the validation error: {norm['l1_minus_band']:+.1%}, {_welch(norm['welch'])}, "
+                     f"bootstrap {_boot(norm['bootstrap'], '+.1%')}; test CE band {norm['ce'][norm['band']]:.4f}, "
+                     f"l1 {norm['ce'][norm['l1']]:.4f}.")
+    return [" ".join(lines) + f" Verdict: {norm['verdict']}.", ""]
+
+
 def missing_lines(rows: list[dict], expected: list[str], cells: dict, seeds: list[int]) -> list[str]:
     missing = [c for r in rows for c in r["missing"]]
     if "aligned" not in cells:
@@ -327,6 +348,7 @@ def main(argv=None) -> int:
     comparisons = {k: {f"{a} vs {b}": compare_pair(cells, outcomes, args.seeds, a, b, **kw) for a, b in v
                        if a in present and b in present} for k, v in pairs.items()}
     choice = choose_on_validation(cells, outcomes, args.seeds, variants, **kw)
+    norm = choose_norm(cells, outcomes, args.seeds, **kw)
     agreement = {str(f): judge_agreement(f, args.results, cells, strict) for f in args.reading} or None
     lines = [f"# Powered reproduction: {args.results.name}", "", *settings_lines(cells, args.seeds, strict),
              *variant_table(cells, rows, strict), *frontier_lines(gaps),
@@ -337,7 +359,8 @@ def main(argv=None) -> int:
                          "so its gradient there is zero).", comparisons["band"]),
              *pair_lines("ProCon against the same data without it", "ProCon minus IFT or IFT_safe at lr 1e-3: not "
                          "budget-matched (the frontier above is).", comparisons["data"]),
-             *choice_lines(choice), "## Judge against a human reading", "", *agreement_markdown(agreement, strict), "",
+             *choice_lines(choice), *norm_lines(norm),
+             "## Judge against a human reading", "", *agreement_markdown(agreement, strict), "",
              *missing_lines(rows, variants, cells, args.seeds), *cell_table(cells, strict)]
     summary = {}
     if args.other_start:
@@ -350,7 +373,8 @@ def main(argv=None) -> int:
     write_json(args.results / "summary.json", {
         "code_version": next(iter(cells.values()))["code_version"], "judge": "strict" if strict else "substring",
         "default_variant": DEFAULT_VARIANT, "variants": rows, "frontier": gaps, "comparisons": comparisons,
-        "chosen_on_validation": choice, "judge_agreement": agreement, "cells": sorted(cells), **summary})
+        "chosen_on_validation": choice, "norm_chosen": norm, "judge_agreement": agreement, "cells": sorted(cells),
+        **summary})
     frontier_plot(args.results / "frontier.png", cells, args.seeds, present,
                   "strict judge" if strict else "substring rule")
     drift_plots(args.results, cells, present, args.seeds)

@@ -238,6 +238,26 @@ def test_choice_on_validation_weighs_over_refusal_and_needs_both_tests(tmp_path)
     assert choice["chosen"] == "procon_wu_band" and "keep the default" in choice["verdict"]
 
 
+def test_norm_choice_takes_band_unless_l1_is_better_beyond_the_noise_or_band_costs_task_loss(tmp_path):
+    def choose(l1, band, where):   # [(asr_val, over_refusal_val, ce) per seed]
+        for v, runs in (("procon_wu_safe", l1), ("procon_wu_safe_band", band)):
+            for s, (a, o, ce) in enumerate(runs):
+                write_cell(where, f"{v}_s{s}", v, s, ce, 0.1, 0.1, asr_val=a, over_refusal_val=o)
+        cells, outcomes = load(where)
+        return analysis.choose_norm(cells, outcomes, [0, 1, 2], draws=300)
+
+    l1 = [(0.10, 0.15, 1.0), (0.12, 0.16, 1.0), (0.09, 0.12, 1.0)]
+    assert choose(l1, [(0.11, 0.15, 1.0), (0.10, 0.17, 1.0), (0.12, 0.13, 1.0)], tmp_path / "a")["norm"] == "band"
+    better_l1 = [(0.03, 0.05, 1.0), (0.04, 0.07, 1.0), (0.02, 0.05, 1.0)]
+    choice = choose(better_l1, l1, tmp_path / "b")
+    assert choice["norm"] == "l1" and "lower beyond the noise" in choice["verdict"]
+    choice = choose(l1, [(a, o, 1.2) for a, o, _ in l1], tmp_path / "c")   # band's task loss 20% higher
+    assert choice["norm"] == "l1" and "test CE" in choice["verdict"]
+    choice = choose(l1[:1], l1[:1], tmp_path / "d")
+    assert choice["norm"] == "band" and "one seed a side" in choice["verdict"]
+    assert analysis.choose_norm({}, {}, [0])["norm"] is None
+
+
 # -- reading, the substring fallback, inputs refused, the report end to end ---------------------------
 
 def test_reading_sample_and_judge_agreement(tmp_path):
