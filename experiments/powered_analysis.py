@@ -12,7 +12,7 @@ DRAWS = 2000
 TASK_LOSS_SLACK = 0.05   # the default is chosen among variants with GSM8K test CE within 5% of IFT's
 DEFAULT_VARIANT = "procon_wu_safe"   # what `fastprocon train` runs by default (fastprocon/configs/default.toml)
 BAND_VARIANT = "procon_wu_safe_band"   # the same recipe with the band norm (choose_norm)
-UNDEFINED_SHARE = 0.05   # frontier gaps: a decision needs the variant's CE inside the line in >= 95% of draws
+UNDEFINED_SHARE = 0.05   # frontier gaps: a decision needs a frontier in >= 95% of draws
 
 
 def _rounded(w: dict | None) -> dict | None:
@@ -72,10 +72,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def frontier_at(front: list[tuple[float, float]], ce: float) -> float | None:
     """The frontier's share at ``ce``: the piecewise-linear line through the Pareto ``front`` inside its
-    CE range, the front's last (lowest) share beyond it (a baseline with a lower CE and that share
-    exists there), None below it (no baseline reached so low a CE: nothing to compare with)."""
-    if not front or ce < front[0][0]:
+    CE range, flat outside it: beyond its highest CE the front's lowest share (a baseline with a lower
+    CE and that share exists there), below its lowest CE the front's highest share (a variant there
+    under it beats every baseline on both; over it is a trade-off, which frontier_gap does not call);
+    None without a front."""
+    if not front:
         return None
+    if ce <= front[0][0]:
+        return front[0][1]
     return front[-1][1] if ce >= front[-1][0] else interpolate(front, ce)
 
 
@@ -88,8 +92,8 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
     training: the low end of any training budget); the frontier is the piecewise-linear line through
     the Pareto front of their means, recomputed in every bootstrap draw. A baseline beaten on both CE
     and the share by another (more training that only overfits) is left out, so the frontier is the
-    best any amount of plain training reached; beyond the front's highest CE it stays at the front's
-    lowest share (:func:`frontier_at`)."""
+    best any amount of plain training reached; outside the front's CE range it is flat
+    (:func:`frontier_at`), and a variant with a lower CE than every baseline is called only below it."""
     members = [*FAMILIES[family(variant)], ALIGNED]
     line = [b for b in members if seed_values(cells, b, seeds, "ce")]
     ce = seed_values(cells, variant, seeds, "ce")
@@ -108,8 +112,9 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
                                 f"({', '.join(members)}) have cells"}
     at = frontier_at(front, out["ce"])
     if at is None:
-        return out | {"status": "outside the frontier's range"}
+        return out | {"status": "no frontier"}
     out |= {"frontier": at, "gap": out["value"] - at}
+    lower_ce = out["ce"] < front[0][0]   # a lower task loss than every baseline reached
     groups = {v: samples(cells, outcomes, v, seeds, ["ce", m]) for v in [variant, *line]}
     if any(g is None for g in groups.values()):
         return out | {"status": "no per-prompt data for the interval"}
@@ -121,10 +126,11 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
     boot = seed_prompt_bootstrap(groups, gap, draws=draws, seed=seed)
     out["bootstrap"] = boot
     if boot["undefined"] > UNDEFINED_SHARE * draws or boot["low"] is None:
-        status = (f"undecided: the variant's CE falls outside the line in {boot['undefined'] / draws:.0%} "
-                  "of bootstrap draws")
+        status = f"undecided: no frontier in {boot['undefined'] / draws:.0%} of bootstrap draws"
     elif boot["high"] < 0:
-        status = "off the frontier (below)"
+        status = "off the frontier (below)" + (": a lower CE and a lower share than every baseline" if lower_ce else "")
+    elif lower_ce:
+        status = "a lower CE than every baseline but not a lower share: a trade-off, no verdict"
     elif boot["low"] > 0:
         status = "off the frontier (above)"
     else:

@@ -179,8 +179,9 @@ def frontier_lines(gaps: list[dict]) -> list[str]:
              "the best any amount of plain training reached). Bootstrap 95% interval over seeds and prompts of "
              "the variant and the baselines, the front recomputed in each draw. Off the frontier only where the "
              "interval excludes 0; below = a lower share than the baselines at the same CE (better), above = "
-             "higher. Above the front's highest CE the frontier stays at its lowest share (a baseline with a lower "
-             "CE and that share exists); below its lowest CE nothing is extrapolated.", "",
+             "higher. Outside the front's CE range the frontier is flat: above its highest CE at its lowest share "
+             "(a baseline with a lower CE and that share exists); below its lowest CE at its highest share, "
+             "called only when the variant is below it (it then beats every baseline on both).", "",
              "| variant | metric | seeds (variant; baselines) | front | mean CE | front CE range | variant | "
              "frontier | gap [95%] | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     if not gaps:

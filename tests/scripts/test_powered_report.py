@@ -166,7 +166,8 @@ def test_pareto_front_leaves_out_a_baseline_beaten_on_both():
     front = analysis.pareto_front(points)
     assert analysis.frontier_at(front, 1.1135) == pytest.approx(0.099)   # halfway along the first segment
     assert analysis.frontier_at(front, 1.8) == 0.078     # beyond the highest CE: the lowest share reached
-    assert analysis.frontier_at(front, 1.0) is None      # below the lowest CE: nothing to compare with
+    assert analysis.frontier_at(front, 1.0) == 0.112     # below the lowest CE: the highest share reached
+    assert analysis.frontier_at([], 1.0) is None
 
 
 def test_frontier_leaves_out_the_overfit_baseline_and_keeps_the_aligned_end(tmp_path):
@@ -186,14 +187,17 @@ def test_frontier_finds_a_variant_off_it_and_not_one_on_it(tmp_path):
     assert analysis.interpolate([(1.6, 0.05), (1.2, 0.2), (1.4, 0.1)], 1.3) == pytest.approx(0.15)
     assert analysis.interpolate([(1.6, 0.05), (1.2, 0.2)], 1.7) is None
     cells, outcomes = _frontier_results(tmp_path, {"procon_wu": (1.3, 0.15), "procon_s": (1.3, 0.05),
-                                                   "procon_wu_band": (1.0, 0.05)})
+                                                   "procon_wu_band": (1.0, 0.05), "procon_wu_sham": (1.0, 0.30)})
     on = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_wu", "asr", draws=300)
     assert on["frontier"] == pytest.approx(0.15, abs=1e-9) and on["status"] == "on the frontier (interval covers 0)"
     off = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_s", "asr", draws=300)
     assert off["gap"] == pytest.approx(-0.10, abs=1e-9) and off["status"] == "off the frontier (below)"
     assert off["bootstrap"]["high"] < 0 < on["bootstrap"]["high"] and on["bootstrap"]["low"] < 0
-    outside = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_wu_band", "asr", draws=300)
-    assert outside["status"] == "outside the frontier's range" and "gap" not in outside
+    # a lower CE than every baseline: called only when the share is lower too (it then beats them all)
+    beats_all = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_wu_band", "asr", draws=300)
+    assert beats_all["status"] == "off the frontier (below): a lower CE and a lower share than every baseline"
+    trade_off = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_wu_sham", "asr", draws=300)
+    assert trade_off["gap"] > 0 and "a trade-off, no verdict" in trade_off["status"]
     # a _safe variant is measured against the IFT_safe line, which has no cells here
     safe = analysis.frontier_gap(cells, outcomes, [0, 1, 2], "procon_wu_safe", "asr", draws=300)
     assert safe["status"] == "no cells"
