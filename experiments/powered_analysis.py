@@ -130,7 +130,7 @@ def frontier_gap(cells: dict, outcomes: dict, seeds: list[int], variant: str, m:
     elif boot["high"] < 0:
         status = "off the frontier (below)" + (": a lower CE and a lower share than every baseline" if lower_ce else "")
     elif lower_ce:
-        status = "a lower CE than every baseline but not a lower share: a trade-off, no verdict"
+        status = "a lower CE than every baseline, not a lower share beyond the noise: no verdict"
     elif boot["low"] > 0:
         status = "off the frontier (above)"
     else:
