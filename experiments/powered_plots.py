@@ -27,11 +27,11 @@ def frontier_plot(path: Path, cells: dict, seeds: list[int], variants: list[str]
     baselines = {b for line in FAMILIES.values() for b in line}
     for ax, m, label in zip(axes, ("asr", "over_refusal"), ("ASR (harmful test)", "over-refusal (harmless test)")):
         for name, line in FAMILIES.items():
-            pts = sorted((mean_std(seed_values(cells, b, seeds, "ce"))[0], mean_std(seed_values(cells, b, seeds, m))[0])
-                         for b in line if seed_values(cells, b, seeds, "ce"))
+            pts = [(mean_std(seed_values(cells, b, seeds, "ce"))[0], mean_std(seed_values(cells, b, seeds, m))[0])
+                   for b in line if seed_values(cells, b, seeds, "ce")]   # in learning-rate order: the training path
             if pts:
                 drawn_from = ", ".join(b for b in line if seed_values(cells, b, seeds, "ce"))
-                (drawn,) = ax.plot(*zip(*pts), "-s", lw=0.8, label=f"{name} line: {drawn_from}")
+                (drawn,) = ax.plot(*zip(*pts), "-s", lw=0.8, label=f"{name} by lr: {drawn_from}")
                 if ALIGNED in cells:
                     front = pareto_front(pts + [(metric(cells[ALIGNED], "ce"), metric(cells[ALIGNED], m))])
                     ax.plot(*zip(*front), "--", lw=2, color=drawn.get_color(), alpha=0.6,
