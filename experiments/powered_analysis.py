@@ -178,8 +178,9 @@ def choose_norm(cells: dict, outcomes: dict, seeds: list[int], draws: int = DRAW
     if ce[BAND_VARIANT] > ce[DEFAULT_VARIANT] * (1 + TASK_LOSS_SLACK):
         return out | {"norm": "l1", "verdict": f"band's test CE is over {TASK_LOSS_SLACK:.0%} above l1's: keep l1"}
     tested = "" if w is not None and boot is not None else " (one seed a side: no test of the noise yet)"
-    return out | {"norm": "band", "verdict": f"l1's validation error is {-diff:+.1%} against band's, not lower "
-                                             f"beyond the noise{tested}: band"}
+    side = f"{abs(diff):.1%} {'lower' if diff < 0 else 'higher'}"
+    return out | {"norm": "band", "verdict": f"l1's validation error is {side} than band's, not lower beyond the "
+                                             f"noise{tested}: band"}
 
 
 def choose_on_validation(cells: dict, outcomes: dict, seeds: list[int], variants: list[str],

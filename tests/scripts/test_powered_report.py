@@ -257,8 +257,9 @@ def test_norm_choice_takes_band_unless_l1_is_better_beyond_the_noise_or_band_cos
     assert choice["norm"] == "l1" and "lower beyond the noise" in choice["verdict"]
     choice = choose(l1, [(a, o, 1.2) for a, o, _ in l1], tmp_path / "c")   # band's task loss 20% higher
     assert choice["norm"] == "l1" and "test CE" in choice["verdict"]
-    choice = choose(l1[:1], l1[:1], tmp_path / "d")
+    choice = choose(l1[:1], [(0.2, 0.2, 1.0)], tmp_path / "d")
     assert choice["norm"] == "band" and "one seed a side" in choice["verdict"]
+    assert "l1's validation error is 15.0% lower than band's" in choice["verdict"]
     assert analysis.choose_norm({}, {}, [0])["norm"] is None
 
 
