@@ -259,7 +259,7 @@ def test_norm_choice_takes_band_unless_l1_is_better_beyond_the_noise_or_band_cos
     assert choice["norm"] == "l1" and "test CE" in choice["verdict"]
     choice = choose(l1[:1], [(0.2, 0.2, 1.0)], tmp_path / "d")
     assert choice["norm"] == "band" and "one seed a side" in choice["verdict"]
-    assert "l1's validation error is 15.0% lower than band's" in choice["verdict"]
+    assert "l1's validation error is 14.1% lower than band's" in choice["verdict"]   # shares of 96 and 64 prompts
     assert analysis.choose_norm({}, {}, [0])["norm"] is None
 
 
