@@ -51,6 +51,7 @@ def test_builtin_configs_load_and_round_trip(tmp_path):
     default = load_config("default")
     assert default.model.spec == "smollm2" and default.procon.schedule == "warmup"
     assert default.data.safety_samples > 0 and default.procon.alpha_after == 0
+    assert default.procon.norm == "band" and default.procon.reference == "cache"   # the band needs z0's spread
 
 
 BAD_FILES = [
